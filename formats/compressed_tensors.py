@@ -1,0 +1,252 @@
+"""compressed-tensors ``pack-quantized`` checkpoints (what llm-compressor writes; transformers and vLLM load them).
+
+Per quantized linear ``P`` (weight [out, in]):
+  P.weight_packed      int32 [out, ceil(in·bits/32)]   code = signed value + 2^(bits−1), dense LSB-first along in
+  P.weight_scale       dtype [out, G]
+  P.weight_zero_point  int32 [ceil(out·bits/32), G]    asymmetric: zero + 2^(bits−1), packed along out
+  P.weight_g_idx       int32 [in]                       only with act-order column groups
+  P.weight_shape       int64 [2]
+plus ``quantization_config`` in config.json (quant_method "compressed-tensors", format "pack-quantized").
+Groups must divide the input size exactly: loaders derive in_features from scale columns × group size.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from qconv.errors import InputError
+from qconv.formats.base import FormatWriter, GridRequest, WriteContext
+from qconv.formats.bitpack import pack_rows, packed_words
+from qconv.formats.hf_folder import write_config
+from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.model.source import SafetensorsDirSource, TensorSource
+from qconv.quant.tensor import IntGrid, QuantizedTensor
+
+# The compressed-tensors release whose pack-quantized layout (dense cross-word packing for 3/5/6/7 bits) this
+# writer follows; 2/4/8 bits are laid out identically in every release.
+CT_LAYOUT_VERSION = "0.12.0"
+
+
+def suggest_groups(in_features: int) -> str:
+    ok = [str(g) for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+    return ", ".join(ok + ["-1 (per channel)"])
+
+
+def pack_ct(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+    """QuantizedTensor → the compressed-tensors tensors of one linear (suffixes without the module prefix)."""
+    g = qt.grid
+    out: dict[str, torch.Tensor] = {
+        "weight_packed": pack_rows(qt.codes, g.bits),
+        "weight_scale": qt.scales.to(g.scale_dtype),
+    }
+    if not g.symmetric:
+        zero = qt.zeros.round().to(torch.int64)
+        # packed along the output dim: pack the transposed [G, out] rows, transpose back
+        out["weight_zero_point"] = pack_rows(zero.T.contiguous(), g.bits).T.contiguous()
+    if qt.g_idx is not None:
+        out["weight_g_idx"] = qt.g_idx.to(torch.int32)
+    out["weight_shape"] = torch.tensor(qt.shape, dtype=torch.int64)
+    return out
+
+
+def ct_kernel_args(t: dict[str, torch.Tensor], bits: int, group_size: int) -> dict:
+    """Keyword arguments of the ct-int dequantizers (reference and Triton) for one linear's tensors."""
+    shape = tuple(int(x) for x in t["weight_shape"].tolist())
+    return {
+        "packed": t["weight_packed"],
+        "scale": t["weight_scale"],
+        "zero_packed": t.get("weight_zero_point"),
+        "shape": shape,
+        "bits": bits,
+        "group_size": shape[1] if group_size in (-1, None) else group_size,
+        "g_idx": t.get("weight_g_idx"),
+    }
+
+
+def _weights_args(grid: IntGrid, actorder: bool, observer: str) -> dict:
+    return {
+        "num_bits": grid.bits,
+        "type": "int",
+        "symmetric": grid.symmetric,
+        "group_size": None if grid.group_size == -1 else grid.group_size,
+        "strategy": "channel" if grid.group_size == -1 else "group",
+        "block_structure": None,
+        "dynamic": False,
+        "actorder": "group" if actorder else None,
+        "observer": observer,
+        "observer_kwargs": {},
+    }
+
+
+def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
+    """The ``quantization_config`` block: one config group per distinct grid."""
+    by_grid: dict[tuple, list[str]] = {}
+    for name, grid in ctx.quantized.items():
+        key = (grid.bits, grid.group_size, grid.symmetric, bool(ctx.config.get("_qconv_actorder")))
+        by_grid.setdefault(key, []).append(name)
+    groups = {}
+    for i, ((bits, gs, sym, actorder), names) in enumerate(sorted(by_grid.items())):
+        grid = IntGrid(bits, gs, sym)
+        targets = ["Linear"] if len(by_grid) == 1 else [f"re:^{re.escape(n)}$" for n in sorted(names)]
+        groups[f"group_{i}"] = {
+            "targets": targets,
+            "weights": _weights_args(grid, actorder, observer),
+            "input_activations": None,
+            "output_activations": None,
+            "format": "pack-quantized",
+        }
+    # lm_head is a Linear even when tied to the embeddings: it must be listed or the "Linear" target catches it
+    ignore = sorted({*ctx.ignored, "lm_head"})
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "global_compression_ratio": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_LAYOUT_VERSION,
+    }
+
+
+class CompressedTensorsWriter(FormatWriter):
+    name = "safetensors"
+    description = "compressed-tensors pack-quantized safetensors (transformers, vLLM, llm-compressor)"
+    supported_bits = (2, 3, 4, 5, 6, 7, 8)
+
+    def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, observer: str = "minmax"):
+        super().__init__(out_dir, verifier, max_shard_bytes)
+        self.observer = observer
+        self._writer: ShardedSafetensorsWriter | None = None
+
+    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> IntGrid:
+        if req.bits not in self.supported_bits:
+            raise InputError(f"--bits {req.bits}: the safetensors (compressed-tensors) format stores 2–8 bit integers")
+        in_f = shape[1]
+        if req.group_size != -1 and in_f % req.group_size:
+            raise InputError(
+                f"{name}: group size {req.group_size} does not divide its {in_f} input columns and compressed-tensors "
+                f"cannot store a partial group; group sizes that work: {suggest_groups(in_f)}"
+            )
+        return IntGrid(req.bits, req.group_size, req.symmetric, scale_dtype=dtype, partial_groups=False)
+
+    def quantized_specs(self, name: str, shape: tuple[int, int], grid: IntGrid) -> list[TensorSpec]:
+        out_f, in_f = shape
+        n_groups = grid.n_groups(in_f)
+        specs = [
+            TensorSpec(f"{name}.weight_packed", (out_f, packed_words(in_f, grid.bits)), torch.int32),
+            TensorSpec(f"{name}.weight_scale", (out_f, n_groups), grid.scale_dtype),
+        ]
+        if not grid.symmetric:
+            specs.append(
+                TensorSpec(f"{name}.weight_zero_point", (packed_words(out_f, grid.bits), n_groups), torch.int32)
+            )
+        specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
+        return specs
+
+    def begin(self, specs: list[TensorSpec], ctx: WriteContext) -> None:
+        self._writer = ShardedSafetensorsWriter(self.out_dir, specs, self.max_shard_bytes)
+
+    def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
+        assert self._writer is not None
+        tensors = pack_ct(qt)
+        self.verifier.check(
+            name, "ct-int", qt.dequantize(torch.float32), **ct_kernel_args(tensors, qt.grid.bits, qt.grid.group_size)
+        )
+        for suffix, t in tensors.items():
+            self._writer.write(f"{name}.{suffix}", t)
+
+    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
+        assert self._writer is not None
+        self._writer.write(name, tensor)
+
+    def finish(self, ctx: WriteContext) -> list[str]:
+        assert self._writer is not None
+        files = self._writer.close()
+        config = dict(ctx.config)
+        config.pop("_qconv_actorder", None)
+        config["quantization_config"] = quantization_config(ctx, self.observer)
+        write_config(self.out_dir, config, ctx.dtype)
+        index = ["model.safetensors.index.json"] if len(files) > 1 else []
+        return [*files, *index, "config.json"]
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class CompressedTensorsSource(TensorSource):
+    """A pack-quantized checkpoint presented as dense weights: ``P.weight`` is dequantized on read as the
+    loaders do it, (code − zero)·scale rounded to the scale's dtype; every other tensor passes through."""
+
+    def __init__(self, raw: SafetensorsDirSource):
+        self.raw = raw
+        self.name = raw.name
+        self.config = raw.config
+        self.adapter = raw.adapter
+        self.input_files = raw.input_files
+        qc = raw.config["quantization_config"]
+        fmt = qc.get("format")
+        if fmt != "pack-quantized":
+            raise InputError(f"{raw.name}: compressed-tensors format {fmt!r} is not readable yet (pack-quantized is)")
+        self._groups = list(qc.get("config_groups", {}).values())
+        self._modules: dict[str, dict] = {}
+        for n in raw.names():
+            if n.endswith(".weight_packed"):
+                mod = n[: -len(".weight_packed")]
+                self._modules[mod] = self._args_for(mod)
+        packed_suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape")
+        self._names = [n for n in raw.names() if not n.endswith(packed_suffixes)]
+        self._names += [f"{m}.weight" for m in self._modules]
+
+    def _args_for(self, module: str) -> dict:
+        for g in self._groups:
+            for t in g.get("targets", []):
+                if t == "Linear" or (t.startswith("re:") and re.match(t[3:], module)) or t == module:
+                    w = g["weights"]
+                    if w.get("type") != "int":
+                        raise InputError(f"{self.name}: {module}: weight type {w.get('type')!r} is not int")
+                    return w
+        raise InputError(f"{self.name}: {module} has packed weights but no config group targets it")
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def has(self, name: str) -> bool:
+        return name in set(self._names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        mod = name[: -len(".weight")] if name.endswith(".weight") else None
+        if mod in self._modules:
+            return tuple(int(x) for x in self.raw.read(f"{mod}.weight_shape").tolist())
+        return self.raw.shape(name)
+
+    def packed(self, module: str) -> dict[str, torch.Tensor]:
+        return {
+            s: self.raw.read(f"{module}.{s}")
+            for s in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+            if self.raw.has(f"{module}.{s}")
+        }
+
+    def _read(self, name: str) -> torch.Tensor:
+        mod = name[: -len(".weight")] if name.endswith(".weight") else None
+        if mod not in self._modules:
+            return self.raw.read(name)
+        from qconv.kernels.ct_int import dequant_reference
+
+        args = self._modules[mod]
+        t = self.packed(mod)
+        w = dequant_reference(**ct_kernel_args(t, args["num_bits"], args.get("group_size") or -1))
+        return w.to(t["weight_scale"].dtype)
+
+    def tokenizer_dir(self) -> Path:
+        return self.raw.tokenizer_dir()

@@ -1,0 +1,80 @@
+"""The verification harness: every packed tensor is dequantized again, from its packed form, and compared with
+the weights the method produced before the writer may put it on disk.
+
+Modes: ``kernel`` runs the layout's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1); ``reference`` runs
+the plain-torch dequantizer; ``auto`` picks the kernel on CUDA and the reference elsewhere; ``off`` skips.
+A mismatch raises VerificationError naming the tensor, which aborts the write.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from qconv.errors import VerificationError
+from qconv.kernels import ct_int
+from qconv.kernels._triton import HAVE_TRITON, kernel_device_ok
+
+MODES = ("auto", "kernel", "reference", "off")
+
+# layout name → (reference dequantizer, Triton dequantizer); both take the layout's packed tensors as keywords
+# and return float32 weights.
+LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+    "ct-int": (ct_int.dequant_reference, ct_int.dequant_triton),
+}
+
+
+@dataclass
+class Verifier:
+    mode: str = "auto"
+    seconds: float = 0.0
+    checked: int = 0
+    paths: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"verify mode must be one of {MODES}")
+
+    def dequantize(self, layout: str, device: torch.device | str = "cpu", **packed) -> tuple[torch.Tensor, str]:
+        ref, kern = LAYOUTS[layout]
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+        probe = next(v for v in moved.values() if isinstance(v, torch.Tensor))
+        use_kernel = self.mode == "kernel" or (self.mode == "auto" and probe.is_cuda and HAVE_TRITON)
+        if use_kernel:
+            if not kernel_device_ok(probe):
+                raise RuntimeError(
+                    "--verify kernel needs triton and a CUDA device, or TRITON_INTERPRET=1 to run kernels on CPU"
+                )
+            return kern(**moved), "kernel"
+        return ref(**moved), "reference"
+
+    def check(self, name: str, layout: str, expected: torch.Tensor, **packed) -> None:
+        """Dequantize ``packed`` (layout ``layout``) and require bitwise equality with ``expected`` (float32)."""
+        if self.mode == "off":
+            return
+        t0 = time.perf_counter()
+        got, path = self.dequantize(layout, device=expected.device, **packed)
+        exp = expected.float()
+        if got.shape != exp.shape or not torch.equal(got, exp):
+            if got.shape != exp.shape:
+                detail = f"shape {tuple(got.shape)} vs {tuple(exp.shape)}"
+            else:
+                diff = (got - exp).abs()
+                detail = f"{int((diff > 0).sum())} elements differ, max |Δ| = {float(diff.max()):.3g}"
+            raise VerificationError(
+                f"{name}: packed {layout} layout does not dequantize to the method's weights ({detail})"
+            )
+        self.seconds += time.perf_counter() - t0
+        self.checked += 1
+        self.paths.add(path)
+
+    def summary(self) -> dict:
+        return {
+            "mode": self.mode,
+            "paths": sorted(self.paths),
+            "tensors": self.checked,
+            "seconds": round(self.seconds, 3),
+        }

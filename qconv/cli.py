@@ -1,0 +1,281 @@
+"""The `qconv` command line. Exit codes: 0 success, 2 bad input (one line naming the file and the problem),
+1 internal error. Human output goes to stderr; ``--json`` puts one machine-readable summary on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import traceback
+
+import click
+
+from qconv import __version__
+from qconv.errors import QconvError
+
+EPILOG_QUANTIZE = """\b
+Examples:
+  qconv quantize builtin:smollm2-135m --bits 4 --group-size 64 --out smol-w4 --eval
+  qconv quantize ./Llama-3-8B --method rtn --bits 4 --asym --clip mse --out llama3-w4a16
+  qconv quantize Qwen/Qwen3-8B --bits 8 --group-size -1 --out qwen3-w8 --json
+"""
+
+
+def parse_size(value: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", value, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size like 2GB or 500MB")
+    unit = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[m.group(2).upper()]
+    if m.group(3) and m.group(3).lower() == "ib":
+        unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def _fail(e: BaseException, as_json: bool) -> None:
+    if isinstance(e, QconvError):
+        code, msg = e.exit_code, str(e)
+        label = "error" if code == 2 else "failed"
+    elif isinstance(e, KeyboardInterrupt):
+        code, msg, label = 130, "stopped by the user; nothing was written", "interrupted"
+    else:
+        code, msg, label = 1, f"{type(e).__name__}: {e}", "internal error"
+        if os.environ.get("QCONV_DEBUG"):
+            traceback.print_exc()
+    click.echo(f"qconv: {label}: {msg}", err=True)
+    if as_json:
+        click.echo(json.dumps({"ok": False, "exit_code": code, "error": msg}))
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="qconv")
+def main() -> None:
+    """qconv — quantize LLM checkpoints with any method into any format, verified, with a quality report.
+
+    Inputs: a Hugging Face folder (safetensors), a hub id, a GGUF file, or builtin:smollm2-135m.
+    Exit codes: 0 ok, 2 bad input, 1 internal error.
+    """
+
+
+@main.command(epilog=EPILOG_QUANTIZE)
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn.")
+@click.option(
+    "--format",
+    "fmt",
+    default="safetensors",
+    show_default=True,
+    help="Output format: safetensors (compressed-tensors pack-quantized).",
+)
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (2–8).")
+@click.option(
+    "--group-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Input columns per scale group; -1 for one scale per output channel.",
+)
+@click.option(
+    "--sym/--asym",
+    "symmetric",
+    default=True,
+    show_default=True,
+    help="Symmetric (no zero point) or asymmetric integer grid.",
+)
+@click.option(
+    "--clip",
+    type=click.Choice(["minmax", "mse"]),
+    default="minmax",
+    show_default=True,
+    help="Scale range: full min/max, or a per-group search minimising (activation-weighted) squared error.",
+)
+@click.option(
+    "--ignore",
+    multiple=True,
+    metavar="REGEX",
+    help="Keep linears whose module name matches in full precision (repeatable). "
+    "Embeddings, lm_head and norms are always kept.",
+)
+@click.option(
+    "--calib",
+    metavar="SRC",
+    default=None,
+    help="Calibration text: a .txt/.jsonl/.json/.parquet file, a folder, a datasets name, or a preset "
+    "(wikitext2, c4, pileval, ultrachat). Default: qconv's own bundled corpus.",
+)
+@click.option("--calib-field", default=None, help="Text field of json/parquet/dataset records.")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-seqlen", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-calib", is_flag=True, help="Never use calibration data (statistics-free methods only).")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Dtype of scales and unquantized tensors: auto (the model's), bfloat16, float16, float32.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration samples per forward pass.")
+@click.option(
+    "--verify",
+    type=click.Choice(["auto", "kernel", "reference", "off"]),
+    default="auto",
+    show_default=True,
+    help="Re-dequantize every packed tensor before writing: Triton kernel, torch reference, or auto "
+    "(kernel on CUDA). 'kernel' on CPU runs Triton's interpreter.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option("--eval", "do_eval", is_flag=True, help="Evaluate the artifact against the input model after writing.")
+@click.option("--eval-text", default=None, type=click.Path(), help="Eval text file (default: bundled held-out text).")
+@click.option("--eval-chunks", type=int, default=None, help="Eval chunks (default: all in the text).")
+@click.option("--eval-ctx", type=int, default=512, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading .bin pickle checkpoints (weights-only mode).")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
+             calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, do_eval, eval_text,
+             eval_chunks, eval_ctx, force, allow_pickle, revision, quiet, as_json):  # fmt: skip
+    """Quantize MODEL and write it to --out."""
+    try:
+        if verify == "kernel" and not device.startswith("cuda"):
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from pathlib import Path
+
+        from qconv.eval import evaluate, format_report
+        from qconv.pipeline import QuantizeConfig, RunOptions
+        from qconv.pipeline import quantize as run_quantize
+        from qconv.progress import Reporter
+
+        reporter = Reporter(quiet=quiet)
+        cfg = QuantizeConfig(
+            method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
+            ignore=tuple(ignore), calib=calib, calib_field=calib_field, calib_samples=calib_samples,
+            calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, method_options={"no_calib": True} if no_calib else {},
+        )  # fmt: skip
+        run = RunOptions(device=device, batch_size=batch_size, verify=verify,
+                         max_shard_bytes=parse_size(max_shard_size), force=force, allow_pickle=allow_pickle,
+                         revision=revision)  # fmt: skip
+        eval_fn = None
+        if do_eval:
+
+            def eval_fn(path):
+                return evaluate(str(path), model, eval_text, eval_chunks, eval_ctx, device, reporter=reporter)
+
+        summary = run_quantize(model, Path(out), cfg, run, reporter, argv=["qconv", *sys.argv[1:]], eval_fn=eval_fn)
+        reporter.log(
+            f"[green]wrote[/] {summary['output']}: {summary['quantized_linears']} linears, "
+            f"{summary['bits_per_weight']} bits/weight, {summary['artifact_bytes'] / 2**20:.1f} MiB "
+            f"in {summary['seconds']:.1f} s (verify {summary['verify_seconds']:.2f} s)"
+        )
+        if summary.get("eval"):
+            reporter.log("[bold]quality report[/]\n" + format_report(summary["eval"]))
+        if as_json:
+            click.echo(json.dumps(summary))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one exit path for every failure
+        _fail(e, as_json)
+
+
+@main.command("eval")
+@click.argument("artifact")
+@click.option("--base", required=True, help="The unquantized model to compare against.")
+@click.option(
+    "--text",
+    "text_path",
+    type=click.Path(),
+    default=None,
+    help="Text file to score (default: qconv's bundled held-out text).",
+)
+@click.option("--chunks", type=int, default=None, help="Number of chunks (default: all).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Chunks per forward pass.")
+@click.option("--no-cache", is_flag=True, help="Recompute the base model's outputs even if cached.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
+def eval_cmd(artifact, base, text_path, chunks, ctx, device, batch_size, no_cache, quiet, as_json):
+    """Perplexity of ARTIFACT (llama-perplexity's method), KL divergence and top-1 agreement against --base.
+
+    ARTIFACT may be any folder or GGUF file qconv reads (its own outputs included)."""
+    try:
+        from qconv.eval import evaluate, format_report
+        from qconv.progress import Reporter
+
+        reporter = Reporter(quiet=quiet)
+        r = evaluate(artifact, base, text_path, chunks, ctx, device, batch_size, reporter, use_cache=not no_cache)
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            click.echo(format_report(r))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, as_json)
+
+
+@main.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Full listing as JSON on stdout.")
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="List every tensor.")
+def inspect_cmd(path, as_json, tensors):
+    """Show what PATH (a safetensors folder or file, or a GGUF file) holds: tensors, types, shapes, bits/weight."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        from qconv.inspect import inspect_path
+
+        info = inspect_path(path)
+        if as_json:
+            click.echo(json.dumps(info, indent=2, default=str))
+            return
+        console = Console()
+        head = {k: v for k, v in info.items() if k not in ("tensors", "metadata", "quantization_config", "qconv")}
+        for k, v in head.items():
+            console.print(f"[bold]{k}[/]: {v}", highlight=False)
+        for section in ("quantization_config", "qconv", "metadata"):
+            if info.get(section):
+                console.print(f"[bold]{section}[/]:")
+                console.print_json(json.dumps(info[section], default=str))
+        if tensors:
+            table = Table("name", "type", "shape", "bytes")
+            for t in info["tensors"]:
+                table.add_row(
+                    t["name"], t.get("type") or t.get("dtype"), "×".join(map(str, t["shape"])), str(t["bytes"])
+                )
+            console.print(table)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, as_json)
+
+
+@main.command("convert")
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
+@click.option("--dtype", default="bfloat16", show_default=True, help="bfloat16, float16 or float32.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", "-q", is_flag=True)
+def convert_cmd(model, out, dtype, force, quiet):
+    """Write MODEL (GGUF, a quantized folder qconv reads, or a safetensors folder) as a plain, dequantized
+    Hugging Face safetensors folder — e.g. to re-quantize a GGUF or FP8 checkpoint with another method."""
+    try:
+        from pathlib import Path
+
+        import torch
+
+        from qconv.errors import InputError
+        from qconv.export import convert
+        from qconv.progress import Reporter
+
+        dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(dtype)
+        if dt is None:
+            raise InputError(f"--dtype {dtype}: choose bfloat16, float16 or float32")
+        path = convert(model, Path(out), dt, force=force, reporter=Reporter(quiet=quiet))
+        if not quiet:
+            click.echo(f"wrote {path}", err=True)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, False)
+
+
+if __name__ == "__main__":
+    main()

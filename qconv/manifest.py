@@ -1,0 +1,145 @@
+"""qconv.json (the manifest) and the model card: what went in, how, what came out, how good it is.
+
+The manifest holds no timestamps or timings, so the same inputs and config give byte-identical artifacts; run
+times go to the ``--json`` summary instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from pathlib import Path
+
+from qconv import __version__
+
+MANIFEST = "qconv.json"
+
+
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def file_digests(paths: list[Path]) -> list[dict]:
+    return [{"name": Path(p).name, "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))} for p in paths]
+
+
+def versions() -> dict:
+    import safetensors
+    import torch
+    import transformers
+
+    return {
+        "qconv": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def _artifact_bytes(out_dir: Path) -> int:
+    return sum(p.stat().st_size for p in out_dir.iterdir() if p.suffix in (".safetensors", ".gguf"))
+
+
+def build_manifest(
+    *, source, inputs, cfg, fmt_description, calibration, verification, tensors, plan, out_dir, dtype, argv
+) -> dict:
+    n_quant = 0
+    quant_bytes = 0
+    by_name = {s.name: s for s in plan.specs}
+    for module in plan.grids:
+        out_f, in_f = source.shape(module + ".weight")
+        n_quant += out_f * in_f
+        quant_bytes += sum(s.nbytes for n, s in by_name.items() if n.startswith(module + ".weight_"))
+    total_params = sum(math.prod(source.shape(n)) for n in plan.dense) + n_quant
+    artifact = _artifact_bytes(out_dir)
+    return {
+        "qconv_version": __version__,
+        "format": {"name": cfg["format"], "description": fmt_description},
+        "command": argv,
+        "input": {"model": source.name, "architecture": source.config.get("model_type"), "files": inputs},
+        "config": cfg,
+        "output_dtype": dtype,
+        "calibration": calibration,
+        "verification": verification,
+        "summary": {
+            "layers": source.num_layers,
+            "quantized_linears": len(plan.grids),
+            "kept_dense_linears": plan.ignored + ([] if source.tied else ["lm_head"]),
+            "quantized_weights": n_quant,
+            "parameters": total_params,
+            # bits per quantized weight including its scales/zeros; and over the whole file
+            "bits_per_weight": round(quant_bytes * 8 / max(n_quant, 1), 4),
+            "bits_per_parameter": round(artifact * 8 / max(total_params, 1), 4),
+            "artifact_bytes": artifact,
+        },
+        "tensors": tensors,
+        "versions": versions(),
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def _eval_lines(ev: dict | None) -> list[str]:
+    if not ev:
+        return ["Not evaluated (run `qconv eval` or pass `--eval`)."]
+    rows = [
+        "| metric | value |",
+        "| --- | --- |",
+        f"| perplexity (quantized) | {ev['ppl']:.4f} |",
+        f"| perplexity (base) | {ev['base_ppl']:.4f} |",
+        f"| mean KL divergence vs base | {ev['kld_mean']:.6f} |",
+        f"| top-1 agreement with base | {ev['top1_agreement'] * 100:.2f} % |",
+    ]
+    return rows + ["", f"Text: {ev['text']['source']}, {ev['chunks']} chunks of {ev['ctx']} tokens."]
+
+
+def write_model_card(out_dir: Path, manifest: dict) -> None:
+    cfg = manifest["config"]
+    s = manifest["summary"]
+    g = "per-channel" if cfg["group_size"] == -1 else f"group size {cfg['group_size']}"
+    kept = "".join(", " + k for k in s["kept_dense_linears"])
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [qconv, quantized, compressed-tensors]",
+        "---",
+        "",
+        f"# {Path(manifest['input']['model']).name} — {cfg['method'].upper()} {cfg['bits']}-bit",
+        "",
+        f"Quantized by [qconv](https://pypi.org/project/qconv/) {manifest['qconv_version']} with method "
+        f"`{cfg['method']}`, {cfg['bits']}-bit {'symmetric' if cfg['symmetric'] else 'asymmetric'} integers, {g}, "
+        f"stored as {manifest['format']['description']}.",
+        "",
+        f"- quantized linears: {s['quantized_linears']} of {s['layers']} decoder layers; kept in "
+        f"{manifest['output_dtype']}: embeddings, norms{kept}",
+        f"- bits per quantized weight (incl. scales and zeros): {s['bits_per_weight']}",
+        f"- artifact size: {s['artifact_bytes'] / 2**20:.1f} MiB",
+        f"- every packed tensor was re-dequantized and checked bit-exact before writing "
+        f"({manifest['verification']['mode']}: {', '.join(manifest['verification']['paths']) or 'skipped'})",
+        "",
+        "## Quality",
+        "",
+        *_eval_lines(manifest.get("eval")),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer  # pip install compressed-tensors",
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+        "vLLM: `vllm serve PATH`.",
+        "",
+        "Full provenance (input hashes, configuration, per-tensor errors, versions) is in `qconv.json`.",
+        "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines))

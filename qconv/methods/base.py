@@ -1,0 +1,68 @@
+"""What a quantization method is: a function from one decoder layer (+ calibration statistics) to codes.
+
+Methods know nothing of file formats: the target grid of each linear (bits, groups, scale dtype, …) is decided by
+the pipeline from the user's options and the format's constraints, and handed to the method in the context.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from qconv.quant.tensor import IntGrid, QuantizedTensor
+from qconv.stats import LinearStats
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """User options every method may read (method-specific ones go in ``extra``)."""
+
+    clip: str = "minmax"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer as a method sees it.
+
+    layer: the live module (float weights on the compute device); linears: names relative to the layer
+    (e.g. "self_attn.q_proj") of the linears to quantize, in execution order; grids: target grid per linear;
+    collect: runs the calibration inputs through the layer *as it is now* and returns the requested statistics
+    per linear (None when the run has no calibration data).
+    """
+
+    index: int
+    layer: nn.Module
+    linears: list[str]
+    grids: dict[str, IntGrid]
+    collect: Callable[[dict[str, Iterable[str]]], dict[str, LinearStats]] | None
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.layer.get_submodule(name).weight.data
+
+    def set_weight(self, name: str, w: torch.Tensor) -> None:
+        lin = self.layer.get_submodule(name)
+        lin.weight.data = w.to(lin.weight.dtype)
+
+
+class Method(ABC):
+    """A quantization method. Subclasses set ``name`` and implement ``quantize_layer``."""
+
+    name: str = ""
+    description: str = ""
+
+    def __init__(self, options: MethodOptions):
+        self.options = options
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    @abstractmethod
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedTensor]:
+        """Quantize ``ctx.linears``; return name → QuantizedTensor. The pipeline writes the dequantized weights
+        back into the layer afterwards (a method may do it earlier, e.g. between true-sequential groups)."""

@@ -1,0 +1,153 @@
+"""Runs a checkpoint one decoder layer at a time, with transformers' own layer classes.
+
+Only the skeleton of the whole model is ever built, on the meta device (no memory); each decoder layer is then
+instantiated alone, filled with its tensors from the source, run, and dropped. Using transformers' layers keeps
+qconv's forward pass identical to what loaders of the written artifacts compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qconv.model.source import TensorSource
+
+
+def hf_config(config: dict):
+    """A transformers config object from a config dict, attention through SDPA (exact on CPU, fast on GPU)."""
+    import transformers
+
+    cls = transformers.CONFIG_MAPPING[config["model_type"]]
+    cfg = cls.from_dict({k: v for k, v in config.items() if k not in ("quantization_config",)})
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+class LayerRunner:
+    """Embedding, decoder layers and head of a model, materialised one at a time from ``source``.
+
+    device/dtype: where and in which float dtype layers compute (activations use the same dtype).
+    """
+
+    def __init__(self, source: TensorSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        import transformers
+
+        self.source = source
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cfg = hf_config(source.config)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(self.cfg)
+        inner = skeleton.model
+        self._layer_cls = type(inner.layers[0])
+        self._norm_cls = type(inner.norm)
+        # Built on the default device (not meta) so its inverse frequencies are real numbers; the constructor's
+        # signature varies across transformers releases, config is the one stable argument.
+        with torch.device("cpu"):
+            self.rotary = type(inner.rotary_emb)(config=self.cfg)
+        self.rotary.to(self.device)
+        self.layer_types = list(getattr(self.cfg, "layer_types", None) or ["full_attention"] * source.num_layers)
+        del skeleton
+        self._embed: torch.Tensor | None = None
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+
+    def embed_weight(self) -> torch.Tensor:
+        if self._embed is None:
+            self._embed = self.source.read(self.source.adapter.embed)
+        return self._embed
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """int64 [B, T] → hidden [B, T, H] in the compute dtype on the compute device."""
+        w = self.embed_weight()
+        return F.embedding(input_ids.cpu(), w).to(self.device, self.dtype)
+
+    def load_layer(self, i: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Decoder layer ``i`` with its weights (``overrides`` replace named tensors, e.g. dequantized ones)."""
+        prefix = self.source.adapter.layer_prefix(i)
+        with torch.device("meta"):
+            layer = self._layer_cls(self.cfg, i)
+        state = {}
+        for name in self.source.layer_tensor_names(i):
+            t = overrides[name] if overrides and name in overrides else self.source.read(name)
+            state[name[len(prefix) :]] = t.to(self.device, self.dtype)
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer.eval()
+
+    def final_norm(self) -> nn.Module:
+        w = self.source.read(self.source.adapter.final_norm)
+        norm = self._norm_cls(w.shape[0], eps=self.cfg.rms_norm_eps)
+        norm.weight = nn.Parameter(w.to(self.device, self.dtype), requires_grad=False)
+        return norm.eval()
+
+    def lm_head_weight(self) -> torch.Tensor:
+        a = self.source.adapter
+        return self.embed_weight() if self.source.tied else self.source.read(a.lm_head)
+
+    # -- running --------------------------------------------------------------------------------------------------
+
+    def _context(self, h: torch.Tensor) -> dict:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        kwargs = dict(config=self.cfg, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in self.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return {"key": (tuple(h.shape[:2]), h.device), "pos": pos, "masks": masks, "rope": self.rotary(h, pos)}
+
+    @torch.no_grad()
+    def forward_layer(self, layer: nn.Module, i: int, h: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+        """One decoder layer on hidden states [B, T, H] → [B, T, H]."""
+        ctx = ctx or self._context(h)
+        out = layer(
+            h,
+            attention_mask=ctx["masks"][self.layer_types[i]],
+            position_ids=ctx["pos"],
+            position_embeddings=ctx["rope"],
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run(
+        self,
+        layer: nn.Module,
+        i: int,
+        hidden: torch.Tensor,
+        batch_size: int,
+        into: torch.Tensor | None = None,
+        keep: bool = True,
+    ) -> torch.Tensor | None:
+        """Run all samples of ``hidden`` [N, T, H] through ``layer`` in micro-batches. Outputs go to ``into``
+        (may be ``hidden`` itself, updating in place) or a new tensor; ``keep=False`` discards them (a pass run
+        only for the statistics its hooks collect)."""
+        out = (into if into is not None else torch.empty_like(hidden)) if keep else None
+        ctx = None
+        for b in range(0, hidden.shape[0], batch_size):
+            x = hidden[b : b + batch_size].to(self.device, self.dtype)
+            if ctx is None or ctx["key"] != (tuple(x.shape[:2]), x.device):
+                ctx = self._context(x)
+            y = self.forward_layer(layer, i, x, ctx)
+            if out is not None:
+                out[b : b + batch_size] = y.to(out.device, out.dtype)
+        return out
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    for b in range(0, n, batch_size):
+        yield slice(b, min(n, b + batch_size))
+
+
+def logits_fn(runner: LayerRunner) -> Callable[[torch.Tensor], torch.Tensor]:
+    """final norm + lm_head as a function of the last hidden states [B, T, H] → float32 logits [B, T, V]."""
+    norm = runner.final_norm()
+    head = runner.lm_head_weight().to(runner.device, runner.dtype)
+
+    def f(h: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.linear(norm(h.to(runner.device, runner.dtype)), head).float()
+
+    return f

@@ -1,0 +1,82 @@
+"""The value passed from methods to formats: codes on a named grid, with the parameters that decode them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """An integer grid with per-group scale and zero point: w ≈ (code − zero) · scale.
+
+    bits: 1–8. group_size: input columns per group; −1 means one group per output row (per-channel).
+    symmetric: the zero point is fixed at 2^(bits−1) (codes read as signed values).
+    scale_dtype: the dtype the format stores scales in; methods choose scales already rounded to it, so the
+    stored artifact dequantizes to exactly what the method measured.
+    partial_groups: whether the format can store a last group shorter than group_size.
+    """
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    scale_dtype: torch.dtype = torch.float32
+    partial_groups: bool = True
+
+    @property
+    def name(self) -> str:
+        g = "c" if self.group_size == -1 else str(self.group_size)
+        return f"int{self.bits}-g{g}-{'sym' if self.symmetric else 'asym'}"
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def mid(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def n_groups(self, in_features: int) -> int:
+        g = in_features if self.group_size == -1 else self.group_size
+        return -(-in_features // g)
+
+    def effective_group(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """One linear weight [out, in] after quantization.
+
+    codes:  uint8 [out, in], grid indices 0 … 2^bits−1, in the weight's own (un-permuted) column order.
+    scales: float [out, n_groups] in ``grid.scale_dtype``.
+    zeros:  float32 [out, n_groups] zero points in code units (integers for IntGrid; 2^(bits−1) when symmetric).
+    g_idx:  int32 [in] group of each input column, or None for the contiguous layout (column i → i // group).
+    stats:  error figures the method measured (rel_mse, max_abs_err, …), recorded in the manifest.
+    """
+
+    grid: IntGrid
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def group_index(self) -> torch.Tensor:
+        """int64 [in]: the group of each input column."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        g = self.grid.effective_group(self.shape[1])
+        return torch.arange(self.shape[1], device=self.codes.device) // g
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weights a loader computes: (code − zero)·scale rounded once to ``dtype``, by default the scales'
+        own dtype (compressed-tensors and vLLM dequantize in it). Pass float32 for the exact products."""
+        from qconv.quant.int_grid import dequantize
+
+        return dequantize(self.codes, self.scales, self.zeros, self.group_index(), dtype or self.grid.scale_dtype)
