@@ -207,6 +207,7 @@ class CompressedTensorsSource(TensorSource):
         packed_suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape")
         self._names = [n for n in raw.names() if not n.endswith(packed_suffixes)]
         self._names += [f"{m}.weight" for m in self._modules]
+        self._name_set = set(self._names)
 
     def _args_for(self, module: str) -> dict:
         for g in self._groups:
@@ -222,7 +223,7 @@ class CompressedTensorsSource(TensorSource):
         return self._names
 
     def has(self, name: str) -> bool:
-        return name in set(self._names)
+        return name in self._name_set
 
     def shape(self, name: str) -> tuple[int, ...]:
         mod = name[: -len(".weight")] if name.endswith(".weight") else None

@@ -208,6 +208,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied)
         writer.begin(plan.specs, ctx)
         tensor_stats: dict[str, dict] = {}
+        dense = set(plan.dense)
         a = source.adapter
         writer.write_dense(a.embed, source.read(a.embed).to(dtype))
         with reporter.task("quantizing layers", source.num_layers) as advance:
@@ -235,7 +236,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     writer.write_quantized(prefix + lin, qt)
                     tensor_stats[prefix + lin] = {"grid": qt.grid.name, **{k: round(v, 8) for k, v in qt.stats.items()}}
                 for name in source.layer_tensor_names(i):
-                    if name in plan.dense:
+                    if name in dense:
                         writer.write_dense(name, source.read(name).to(dtype))
                 if hidden is not None and i + 1 < source.num_layers:
                     runner.run(layer, i, hidden, run.batch_size, into=hidden)
