@@ -17,8 +17,27 @@ def packed_words(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
 
+# The int64 intermediates take 8 bytes per element: working on row blocks keeps them to a few MB for any matrix.
+ROW_BLOCK = 512
+
+
+def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    if x.shape[0] <= ROW_BLOCK:
+        return fn(x, *args)
+    return torch.cat([fn(x[r : r + ROW_BLOCK], *args) for r in range(0, x.shape[0], ROW_BLOCK)])
+
+
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8/int [rows, n] with values in [0, 2^bits) → int32 [rows, ceil(n·bits/32)]."""
+    return _by_rows(_pack_rows, values, bits)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """int32 [rows, words] → uint8 [rows, n] (values < 2^bits); inverse of pack_rows."""
+    return _by_rows(_unpack_rows, packed, bits, n)
+
+
+def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     rows, n = values.shape
     n_words = packed_words(n, bits)
     v = values.to(torch.int64)
@@ -39,8 +58,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (acc - ((acc & 0x80000000) << 1)).to(torch.int32)
 
 
-def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """int32 [rows, words] → uint8 [rows, n] (values < 2^bits); inverse of pack_rows."""
+def _unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     rows = packed.shape[0]
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.nn.functional.pad(words, (0, 1))

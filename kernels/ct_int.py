@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from qconv.formats.bitpack import unpack_rows
+from qconv.formats.bitpack import ROW_BLOCK, unpack_rows
 from qconv.kernels._triton import HAVE_TRITON, lazy_jit, tl, triton
 
 
@@ -26,15 +26,19 @@ def dequant_reference(
     group_size: int,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch: float32 [out, in]."""
+    """Plain torch: float32 [out, in] (row blocks bound the temporaries)."""
     out_f, in_f = shape
-    codes = unpack_rows(packed, bits, in_f).float()
     gidx = g_idx.long() if g_idx is not None else torch.arange(in_f, device=packed.device) // group_size
     if zero_packed is None:
         zero = torch.full_like(scale, float(1 << (bits - 1)), dtype=torch.float32)
     else:
         zero = unpack_rows(zero_packed.T.contiguous(), bits, out_f).T.float()
-    return (codes - zero[:, gidx]) * scale.float()[:, gidx]
+    out = torch.empty(out_f, in_f, dtype=torch.float32, device=packed.device)
+    for r in range(0, out_f, ROW_BLOCK):
+        rows = slice(r, r + ROW_BLOCK)
+        codes = unpack_rows(packed[rows], bits, in_f).float()
+        out[rows] = (codes - zero[rows][:, gidx]) * scale[rows].float()[:, gidx]
+    return out
 
 
 if HAVE_TRITON:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from qconv import __version__
 from qconv.calibration import add_bos, packaged_texts, sha256_texts
 from qconv.errors import InputError
+from qconv.memory import trim
 from qconv.model.runner import LayerRunner, logits_fn
 from qconv.model.source import TensorSource, open_source
 from qconv.progress import Reporter
@@ -87,6 +88,7 @@ def final_hidden(
             layer = runner.load_layer(i)
             runner.run(layer, i, h, batch, into=h)
             del layer
+            trim()
             advance(1, f"layer {i}")
     return h, runner
 

@@ -24,6 +24,7 @@ from qconv.formats.registry import WRITERS
 from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.verify import Verifier
 from qconv.manifest import build_manifest, file_digests, write_manifest, write_model_card
+from qconv.memory import trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.model.runner import LayerRunner
 from qconv.model.source import TensorSource, open_source
@@ -209,11 +210,13 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         writer.begin(plan.specs, ctx)
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
+        weight_dtype = source.weights_dtype()
         a = source.adapter
         writer.write_dense(a.embed, source.read(a.embed).to(dtype))
         with reporter.task("quantizing layers", source.num_layers) as advance:
             for i in range(source.num_layers):
-                layer = runner.load_layer(i)
+                # Without calibration the layer only carries weights: keep them in their stored precision.
+                layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
                 prefix = a.layer_prefix(i)
                 linears = [lin for lin in a.linears if prefix + lin in plan.grids]
 
@@ -231,16 +234,19 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 )
                 qts = method.quantize_layer(lctx)
                 for lin in linears:
-                    qt = qts[lin]
+                    qt = qts.pop(lin)
                     lctx.set_weight(lin, qt.dequantize())  # the weights loaders will compute
                     writer.write_quantized(prefix + lin, qt)
                     tensor_stats[prefix + lin] = {"grid": qt.grid.name, **{k: round(v, 8) for k, v in qt.stats.items()}}
+                    del qt
+                    trim()
                 for name in source.layer_tensor_names(i):
                     if name in dense:
                         writer.write_dense(name, source.read(name).to(dtype))
                 if hidden is not None and i + 1 < source.num_layers:
                     runner.run(layer, i, hidden, run.batch_size, into=hidden)
                 del layer, lctx, qts
+                trim()
                 advance(1, f"layer {i}")
         writer.write_dense(a.final_norm, source.read(a.final_norm).to(dtype))
         if not source.tied:

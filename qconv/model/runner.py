@@ -65,15 +65,18 @@ class LayerRunner:
         w = self.embed_weight()
         return F.embedding(input_ids.cpu(), w).to(self.device, self.dtype)
 
-    def load_layer(self, i: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder layer ``i`` with its weights (``overrides`` replace named tensors, e.g. dequantized ones)."""
+    def load_layer(
+        self, i: int, overrides: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None
+    ) -> nn.Module:
+        """Decoder layer ``i`` with its weights (``overrides`` replace named tensors, e.g. dequantized ones).
+        ``dtype`` overrides the compute dtype (a layer only holding weights for a method can stay in bf16)."""
         prefix = self.source.adapter.layer_prefix(i)
         with torch.device("meta"):
             layer = self._layer_cls(self.cfg, i)
         state = {}
         for name in self.source.layer_tensor_names(i):
             t = overrides[name] if overrides and name in overrides else self.source.read(name)
-            state[name[len(prefix) :]] = t.to(self.device, self.dtype)
+            state[name[len(prefix) :]] = t.to(self.device, dtype or self.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 

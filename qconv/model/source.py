@@ -51,9 +51,13 @@ class TensorSource(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (float dtypes upcast nowhere), checked finite."""
         t = self._read(name)
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad = int((~torch.isfinite(t)).sum())
-            raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
+        if t.is_floating_point():
+            # checked in slices: isfinite on bf16 would otherwise allocate several copies of a large embedding
+            flat = t.reshape(-1)
+            step = 1 << 22
+            bad = sum(int((~torch.isfinite(flat[k : k + step])).sum()) for k in range(0, flat.numel(), step))
+            if bad:
+                raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
         return t
 
     @property
@@ -71,6 +75,10 @@ class TensorSource(ABC):
     def torch_dtype(self) -> torch.dtype:
         name = self.config.get("torch_dtype") or self.config.get("dtype") or "float32"
         return getattr(torch, str(name).replace("torch.", ""), torch.float32)
+
+    def weights_dtype(self) -> torch.dtype:
+        """The float dtype reads of the decoder weights come back in (float32 unless stored narrower)."""
+        return torch.float32
 
     def close(self) -> None:
         pass
@@ -141,6 +149,12 @@ class SafetensorsDirSource(TensorSource):
 
     def tokenizer_dir(self) -> Path:
         return self.path
+
+    def weights_dtype(self) -> torch.dtype:
+        probe = f"{self.adapter.layer_prefix(0)}{self.adapter.linears[0]}.weight"
+        if self._pickle is None and probe in self._infos and self._infos[probe].dtype.is_floating_point:
+            return self._infos[probe].dtype
+        return torch.float32
 
 
 def _unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -88,6 +88,11 @@ def _group_error(
     return group_reduce(err, gidx, n_groups, "sum")
 
 
+# Rows are independent on an integer grid: working in row blocks bounds the temporaries (several float copies
+# of the block) to a few MB whatever the matrix size, which keeps the pipeline near "one layer" of memory.
+ROW_BLOCK = 1024
+
+
 def quantize_weight(
     w: torch.Tensor,
     grid: IntGrid,
@@ -97,25 +102,41 @@ def quantize_weight(
     clip_steps: int = 24,
     max_shrink: float = 0.3,
 ) -> QuantizedTensor:
-    """Round-to-nearest quantization of one weight [out, in] onto ``grid``.
+    """Round-to-nearest quantization of one weight [out, in] (any float dtype) onto ``grid``.
 
     clip: "minmax" uses each group's full range; "mse" searches, per group, a shrink factor of the range in
     [1 − max_shrink, 1] minimising the squared error, weighted per input column by ``importance`` (float [in],
     e.g. mean x² from calibration) when given.
     gidx: int64 [in] group per column (act-order layouts); None means contiguous groups.
     """
-    w = w.float()
+    if clip not in ("minmax", "mse"):
+        raise ValueError(f"unknown clip mode {clip!r}")
     out_f, in_f = w.shape
     explicit_gidx = gidx is not None
     if gidx is None:
         gidx = contiguous_gidx(in_f, grid, w.device)
     n_groups = int(gidx.max().item()) + 1 if in_f else 0
+    imp = None if importance is None else importance.float().clamp_min(0).to(w.device)
+    parts = [
+        _quantize_rows(w[r : r + ROW_BLOCK].float(), grid, gidx, n_groups, clip, imp, clip_steps, max_shrink)
+        for r in range(0, out_f, ROW_BLOCK)
+    ]
+    qt = QuantizedTensor(
+        grid=grid,
+        codes=torch.cat([p[0] for p in parts]),
+        scales=torch.cat([p[1] for p in parts]),
+        zeros=torch.cat([p[2] for p in parts]),
+        g_idx=gidx.to(torch.int32) if explicit_gidx else None,
+    )
+    return with_error_stats(qt, w, importance)
+
+
+def _quantize_rows(w, grid, gidx, n_groups, clip, imp, clip_steps, max_shrink):
     lo = group_reduce(w, gidx, n_groups, "amin")
     hi = group_reduce(w, gidx, n_groups, "amax")
     scale, zero = choose_qparams(lo, hi, grid)
     codes = quantize(w, scale, zero, gidx, grid)
     if clip == "mse":
-        imp = None if importance is None else importance.float().clamp_min(0).to(w.device)
         best = _group_error(w, dequantize(codes, scale, zero, gidx), gidx, n_groups, imp)
         for k in range(1, clip_steps + 1):
             p = 1.0 - max_shrink * k / clip_steps
@@ -128,31 +149,29 @@ def quantize_weight(
                 scale = torch.where(better, s2, scale)
                 zero = torch.where(better, z2, zero)
                 codes = torch.where(better[:, gidx], c2, codes)
-    elif clip != "minmax":
-        raise ValueError(f"unknown clip mode {clip!r}")
-    qt = QuantizedTensor(
-        grid=grid,
-        codes=codes,
-        scales=scale,
-        zeros=zero,
-        g_idx=gidx.to(torch.int32) if explicit_gidx else None,
-    )
-    return with_error_stats(qt, w, importance)
+    return codes, scale, zero
 
 
 def with_error_stats(qt: QuantizedTensor, w: torch.Tensor, importance: torch.Tensor | None = None) -> QuantizedTensor:
-    """Attach the reconstruction error of ``qt`` against the float weight ``w`` (recorded in the manifest)."""
-    deq = qt.dequantize().float()
-    diff = deq - w.float()
-    denom = w.float().square().sum().clamp_min(1e-30)
-    stats = {
-        "rel_mse": float(diff.square().sum() / denom),
-        "max_abs_err": float(diff.abs().max()) if diff.numel() else 0.0,
-    }
-    if importance is not None:
-        imp = importance.float().to(w.device).unsqueeze(0)
-        stats["rel_mse_weighted"] = float(
-            (diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)
-        )
+    """Attach the reconstruction error of ``qt`` (as loaders dequantize it) against the float weight ``w``: relative
+    squared error, max |error| and, with ``importance`` [in], the importance-weighted relative squared error."""
+    imp = None if importance is None else importance.float().to(w.device).unsqueeze(0)
+    gidx = qt.group_index()
+    err = ref = werr = wref = 0.0
+    max_abs = 0.0
+    for r in range(0, w.shape[0], ROW_BLOCK):
+        rows = slice(r, r + ROW_BLOCK)
+        wf = w[rows].float()
+        deq = dequantize(qt.codes[rows], qt.scales[rows], qt.zeros[rows], gidx, qt.grid.scale_dtype).float()
+        d2 = (deq - wf).square()
+        err += float(d2.sum())
+        ref += float(wf.square().sum())
+        max_abs = max(max_abs, float(d2.max().sqrt())) if d2.numel() else max_abs
+        if imp is not None:
+            werr += float((d2 * imp).sum())
+            wref += float((wf.square() * imp).sum())
+    stats = {"rel_mse": err / max(ref, 1e-30), "max_abs_err": max_abs}
+    if imp is not None:
+        stats["rel_mse_weighted"] = werr / max(wref, 1e-30)
     qt.stats.update(stats)
     return qt
