@@ -27,7 +27,7 @@ test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo:
-	$(BIN)/qconv quantize builtin:smollm2-135m --method rtn --bits 4 --group-size 64 --asym --clip mse \
+	$(BIN)/qconv quantize builtin:smollm2-135m --method rtn --bits 4 --group-size 64 --asym --clip mse --calib-samples 32 \
 		--out $(DEMO_OUT) --force --eval
 
 bench:

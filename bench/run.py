@@ -21,7 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_MD = REPO / "BENCHMARKS.md"
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw"
+# Overridable so the same suites can run on a lent GPU machine, where ../shared and the build folder are elsewhere.
+WIKITEXT = Path(os.environ.get("QCONV_BENCH_WIKITEXT", REPO.parent / "shared" / "data" / "wikitext-2-raw"))
+# Extra `qconv eval` arguments, e.g. "--device cuda --dtype float32" (float32 keeps small KLDs above rounding noise).
+EVAL_ARGS = shlex.split(os.environ.get("QCONV_BENCH_EVAL_ARGS", ""))
+IMATRIX_ARGS = shlex.split(os.environ.get("QCONV_BENCH_IMATRIX_ARGS", ""))
 QCONV = [sys.executable, "-m", "qconv"]
 
 
@@ -37,8 +41,9 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
 
@@ -127,7 +132,168 @@ def suite_spine(out: Path, chunks: int) -> str:
     )
 
 
-SUITES = {"spine": suite_spine}
+LLAMA_BIN = Path(os.environ.get("QCONV_BENCH_LLAMA_BIN", REPO / "bench-out" / "llama.cpp" / "bin"))
+GGUF_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+def _json(r: dict) -> dict:
+    return json.loads(r["stdout"].strip().splitlines()[-1])
+
+
+def _llama_ppl(model: Path, text: Path, chunks: int) -> float:
+    r = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", "512",
+                        "--chunks", str(chunks), "-t", str(os.cpu_count()), "-b", "512"],
+                       capture_output=True, text=True)  # fmt: skip
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+    if not m:
+        raise SystemExit("llama-perplexity gave no estimate:\n" + (r.stderr or r.stdout)[-2000:])
+    return float(m.group(1))
+
+
+def suite_gguf(out: Path, chunks: int) -> str:
+    """Issue #3: qconv vs llama-quantize on the dithered SmolLM2 F16 GGUF, with and without the same imatrix."""
+    sys.path.insert(0, str(REPO))
+    from qconv.testing import materialize_smollm2
+
+    if not (LLAMA_BIN / "llama-quantize").exists():
+        subprocess.run(["bash", str(REPO / "bench" / "build_llama_cpp.sh")], check=True)
+    base_hf = out / "smollm2-dithered"
+    if not (base_hf / "model.safetensors").exists():
+        materialize_smollm2(base_hf, dithered=True, seed=0)
+    d = out / "gguf"
+    d.mkdir(exist_ok=True)
+    f16 = d / "smollm2-dithered-F16.gguf"
+    run_isolated([*QCONV, "quantize", str(base_hf), "--format", "gguf", "--gguf-type", "F16", "--out", str(f16),
+                  "--force", "-q"])  # fmt: skip
+    imat = d / "imatrix.gguf"
+    run_isolated([*QCONV, "imatrix", str(f16), "--calib", str(WIKITEXT / "wiki.valid.raw"), "--calib-samples", "128",
+                  "--calib-seqlen", "512", "--out", str(imat), "--force", "-q", *IMATRIX_ARGS])  # fmt: skip
+    text = WIKITEXT / "wiki.test.raw"
+    rows = []
+    results = {}
+    for t in GGUF_TYPES:
+        for with_imat in (False, True):
+            tag = f"{t}{'-imat' if with_imat else ''}"
+            ll = d / f"llama-{tag}.gguf"
+            qc = d / f"qconv-{tag}.gguf"
+            imat_args = ["--imatrix", str(imat)] if with_imat else []
+            lq = run_isolated(
+                [str(LLAMA_BIN / "llama-quantize"), *imat_args, str(f16), str(ll), t, str(os.cpu_count())]
+            )
+            qq = run_isolated(
+                [*QCONV, "quantize", str(f16), "--format", "gguf", "--gguf-type", t, *imat_args]
+                + ["--out", str(qc), "--force", "-q"]
+            )
+            ev = {}
+            for who, path in (("llama", ll), ("qconv", qc)):
+                ev[who] = _json(run_isolated([*QCONV, "eval", str(path), "--base", str(f16), "--text", str(text),
+                                              "--chunks", str(chunks), "--json", "-q", *EVAL_ARGS]))  # fmt: skip
+            results[tag] = {"llama": (ll.stat().st_size, lq["wall_s"], ev["llama"]),
+                            "qconv": (qc.stat().st_size, qq["wall_s"], ev["qconv"])}  # fmt: skip
+            kl_l, kl_q = ev["llama"]["kld_mean"], ev["qconv"]["kld_mean"]
+            rows.append(
+                f"| {tag} | {ll.stat().st_size / 2**20:.2f} | {qc.stat().st_size / 2**20:.2f} | "
+                f"{(qc.stat().st_size / ll.stat().st_size - 1) * 100:+.2f} % | "
+                f"{lq['wall_s']:.1f} | {qq['wall_s']:.1f} | "
+                f"{ev['llama']['ppl']:.3f} | {ev['qconv']['ppl']:.3f} | {kl_l:.5f} | {kl_q:.5f} | {kl_q / kl_l:.3f} |"
+            )
+            print(rows[-1], flush=True)
+    # llama.cpp's own perplexity on the Q4_K_M files, against qconv eval's figure for the same file
+    ppl_rows = []
+    for who in ("llama", "qconv"):
+        path = d / f"{who}-Q4_K_M.gguf"
+        lp = _llama_ppl(path, text, chunks)
+        qp = results["Q4_K_M"][who][2]["ppl"]
+        ppl_rows.append(f"| {who}'s Q4_K_M | {lp:.4f} | {qp:.4f} | {(qp / lp - 1) * 100:+.2f} % |")
+    lp16 = _llama_ppl(f16, text, chunks)
+    qp16 = results["Q4_K_M"]["qconv"][2]["base_ppl"]
+    ppl_rows.append(f"| F16 source | {lp16:.4f} | {qp16:.4f} | {(qp16 / lp16 - 1) * 100:+.2f} % |")
+
+    def ratio(tag):
+        return results[tag]["qconv"][2]["kld_mean"] / results[tag]["llama"][2]["kld_mean"]
+
+    size_ok = all(abs(r["qconv"][0] / r["llama"][0] - 1) <= 0.005 for r in results.values())
+    kld_ok = all(ratio(t) <= 1.0 for t in results)
+    return "\n".join(
+        [
+            "## GGUF (#3): qconv vs llama.cpp's llama-quantize",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `make bench` "
+            "(bench/run.py, suite gguf). llama.cpp: the llama.cpp vendored by llama-cpp-python 0.3.36, built by "
+            "bench/build_llama_cpp.sh.",
+            "Source: the dithered SmolLM2-135M (±half a Q4_1 step of uniform noise per block, seed 0) converted to "
+            "F16 GGUF by qconv; both tools quantize that same file. Imatrix: `qconv imatrix` on WikiText-2 "
+            "validation (128 × 512 tokens), the same file given to both (`--imatrix`). Eval: `qconv eval` on "
+            f"WikiText-2 test, {chunks} chunks × 512, KLD against the F16 file. SmolLM2's rows of 576 do not divide "
+            "256, so most K-quant tensors fall back to legacy types in both tools (identical types, see sizes).",
+            "",
+            "| type | llama.cpp MiB | qconv MiB | size Δ | llama.cpp s | qconv s | llama.cpp ppl | qconv ppl | "
+            "llama.cpp KLD | qconv KLD | KLD ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"Targets: sizes within 0.5 % — {'met' if size_ok else 'NOT met'}; KLD ≤ llama.cpp at every type — "
+            f"{'met' if kld_ok else 'NOT met'}; with imatrix Q4_K_M ≤ 0.9× — {ratio('Q4_K_M-imat'):.3f}× "
+            f"({'met' if ratio('Q4_K_M-imat') <= 0.9 else 'NOT met'}), Q3_K_M ≤ 0.9× — {ratio('Q3_K_M-imat'):.3f}× "
+            f"({'met' if ratio('Q3_K_M-imat') <= 0.9 else 'NOT met'}), Q2_K ≤ 0.8× — {ratio('Q2_K-imat'):.3f}× "
+            f"({'met' if ratio('Q2_K-imat') <= 0.8 else 'NOT met'}).",
+            "",
+            "Perplexity of the same files from llama.cpp's own llama-perplexity (same text, -c 512, "
+            f"{chunks} chunks) and from `qconv eval` (target: within 1 %):",
+            "",
+            "| file | llama-perplexity | qconv eval | Δ |",
+            "| --- | ---: | ---: | ---: |",
+            *ppl_rows,
+        ]
+    )
+
+
+def suite_gguf_speed(out: Path, chunks: int) -> str:
+    """Issue #3: wall time and peak RSS of qconv vs llama-quantize on a synthetic ~1B llama (real K-quants)."""
+    sys.path.insert(0, str(REPO))
+    from qconv.testing import make_synthetic_llama, materialize_smollm2
+
+    if not (LLAMA_BIN / "llama-quantize").exists():
+        subprocess.run(["bash", str(REPO / "bench" / "build_llama_cpp.sh")], check=True)
+    base_hf = out / "smollm2-dithered"
+    if not (base_hf / "model.safetensors").exists():
+        materialize_smollm2(base_hf, dithered=True, seed=0)
+    d = out / "gguf"
+    d.mkdir(exist_ok=True)
+    # Wall time on a synthetic ~1B-parameter model (hidden 2048: real K-quants, no fallbacks)
+    syn = out / "synthetic-1b"
+    if not (syn / "config.json").exists():
+        make_synthetic_llama(syn, hidden=2048, intermediate=5632, layers=20, heads=16, kv_heads=4, vocab=32000,
+                             tokenizer_from=base_hf)  # fmt: skip
+    syn16 = d / "synthetic-1b-F16.gguf"
+    run_isolated([*QCONV, "quantize", str(syn), "--format", "gguf", "--gguf-type", "F16", "--out", str(syn16),
+                  "--force", "-q", "--gguf-pre", "smollm"])  # fmt: skip
+    speed = []
+    for t in ("Q4_K_M", "Q8_0"):
+        lq = run_isolated([str(LLAMA_BIN / "llama-quantize"), str(syn16), str(d / f"syn-llama-{t}.gguf"), t,
+                           str(os.cpu_count())])  # fmt: skip
+        qq = run_isolated([*QCONV, "quantize", str(syn16), "--format", "gguf", "--gguf-type", t, "--out",
+                           str(d / f"syn-qconv-{t}.gguf"), "--force", "-q"])  # fmt: skip
+        speed.append(f"| {t} | {lq['wall_s']:.1f} | {qq['wall_s']:.1f} | {qq['wall_s'] / lq['wall_s']:.2f}× | "
+                     f"{lq['peak_rss_mib']:.0f} | {qq['peak_rss_mib']:.0f} |")  # fmt: skip
+
+    return "\n".join(
+        [
+            "## GGUF speed (#3): qconv vs llama-quantize, wall time and peak RSS",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `make bench` "
+            "(bench/run.py, suite gguf-speed); both tools use every core.",
+            "Model: a synthetic 1.04 B-parameter llama (random weights, hidden 2048, intermediate 5632, 20 layers: "
+            "rows divide 256, so these are real K-quants), F16 GGUF written by qconv; target qconv ≤ 1.5× llama.cpp.",
+            "",
+            "| type | llama-quantize s | qconv s | ratio | llama.cpp RSS MiB | qconv RSS MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *speed,
+        ]
+    )
+
+
+SUITES = {"spine": suite_spine, "gguf": suite_gguf, "gguf-speed": suite_gguf_speed}
 
 
 def main() -> None:

@@ -6,15 +6,17 @@ group layout) and dense tensors, in the order the pipeline produces them.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from qconv.errors import InputError
 from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.verify import Verifier
-from qconv.quant.tensor import IntGrid, QuantizedTensor
+from qconv.quant.tensor import Grid, Quantized
 
 
 @dataclass(frozen=True)
@@ -29,40 +31,111 @@ class GridRequest:
 @dataclass
 class WriteContext:
     """Everything a writer needs besides tensors: the model config to extend, the output dtype of dense tensors
-    and scales, the quantized linears' grids and the linears left in full precision."""
+    and scales, the quantized tensors' grids and the linears left in full precision."""
 
     config: dict
     dtype: torch.dtype
-    quantized: dict[str, IntGrid]  # module name (no ".weight") → grid
+    quantized: dict[str, Grid]  # full tensor name → grid
     ignored: list[str]  # linear module names kept dense
     tied: bool
+    provenance: dict = field(default_factory=dict)  # qconv version, method, calibration sha256 …
+    source: object = None  # the TensorSource (tokenizer files, GGUF metadata of a GGUF input)
+
+
+@dataclass
+class Plan:
+    """Every output tensor decided before any work: which grid each quantized tensor gets (``method`` = the
+    decoder linears the method quantizes; the others, e.g. GGUF embeddings, get plain RTN on their grid), which
+    tensors stay dense, and the format's own write plan (``specs``)."""
+
+    grids: dict[str, Grid]
+    method: set[str]
+    dense: list[str]
+    ignored: list[str]
+    specs: list
+    notes: dict[str, str] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)  # source tensor name → bytes it takes on disk
 
 
 class FormatWriter(ABC):
     name: str = ""
     description: str = ""
     supported_bits: tuple[int, ...] = ()
+    is_file: bool = False  # the output is one file (e.g. GGUF) rather than a folder
 
-    def __init__(self, out_dir: Path, verifier: Verifier, max_shard_bytes: int = 5 * 1024**3):
+    def __init__(self, out_dir: Path, verifier: Verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
+        """``out_dir``: the temporary folder the output is built in; ``target_name``: the final file name of a
+        file format (e.g. model-Q4_K_M.gguf)."""
         self.out_dir = out_dir
         self.verifier = verifier
         self.max_shard_bytes = max_shard_bytes
+        self.target_name = target_name
 
-    @abstractmethod
-    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> IntGrid:
+    def artifact_path(self) -> Path:
+        """What readers open: the folder, or the (first) file of a file format."""
+        return self.out_dir / self.target_name if self.is_file else self.out_dir
+
+    def manifest_path(self) -> Path:
+        return self.out_dir / (f"{self.target_name}.qconv.json" if self.is_file else "qconv.json")
+
+    def plan(self, source, req: GridRequest, ignore: list[re.Pattern], dtype: torch.dtype) -> Plan:
+        """Default plan for folder formats: decoder linears on ``grid_for`` grids (unless ignored), everything
+        else dense in ``dtype``, tensors in source order (embeddings, layers, final norm, head)."""
+        a = source.adapter
+        grids: dict[str, Grid] = {}
+        ignored: list[str] = []
+        specs: list[TensorSpec] = []
+        dense: list[str] = []
+
+        nbytes: dict[str, int] = {}
+
+        def add_dense(name: str) -> None:
+            specs.append(TensorSpec(name, source.shape(name), dtype))
+            dense.append(name)
+            nbytes[name] = specs[-1].nbytes
+
+        add_dense(a.embed)
+        for i in range(source.num_layers):
+            prefix = a.layer_prefix(i)
+            present = set(source.layer_tensor_names(i))
+            expected = {f"{prefix}{lin}.weight" for lin in a.linears}
+            missing = sorted(expected - present)
+            if missing:
+                raise InputError(f"{source.name}: missing tensor {missing[0]!r}")
+            for lin in a.linears:
+                module = prefix + lin
+                shape = source.shape(module + ".weight")
+                if any(p.search(module) for p in ignore):
+                    ignored.append(module)
+                    add_dense(module + ".weight")
+                    continue
+                grid = self.grid_for(module, shape, req, dtype)
+                grids[module + ".weight"] = grid
+                packed = self.quantized_specs(module, shape, grid)
+                specs.extend(packed)
+                nbytes[module + ".weight"] = sum(p.nbytes for p in packed)
+            for name in sorted(present - expected):
+                add_dense(name)
+        add_dense(a.final_norm)
+        if not source.tied:
+            add_dense(a.lm_head)
+        return Plan(grids, set(grids), dense, ignored, specs, nbytes=nbytes)
+
+    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> Grid:
         """The grid this format stores ``name`` (a linear module) on; InputError if it cannot store the request."""
+        raise NotImplementedError(f"{self.name} plans its own grids")
 
-    @abstractmethod
-    def quantized_specs(self, name: str, shape: tuple[int, int], grid: IntGrid) -> list[TensorSpec]:
+    def quantized_specs(self, name: str, shape: tuple[int, int], grid: Grid) -> list[TensorSpec]:
         """The tensors a quantized linear ``name`` [out, in] becomes on disk."""
+        raise NotImplementedError(f"{self.name} plans its own tensors")
 
     @abstractmethod
-    def begin(self, specs: list[TensorSpec], ctx: WriteContext) -> None:
+    def begin(self, plan: Plan, ctx: WriteContext) -> None:
         """Open the output with the full plan of tensors (dense and packed), before any is written."""
 
     @abstractmethod
-    def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
-        """Pack, verify against ``qt``'s own dequantization, and write. ``name`` is the module name."""
+    def write_quantized(self, name: str, qt: Quantized) -> None:
+        """Pack, verify against ``qt``'s own dequantization, and write. ``name`` is the full tensor name."""
 
     @abstractmethod
     def write_dense(self, name: str, tensor: torch.Tensor) -> None:

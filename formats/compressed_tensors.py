@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, WriteContext
+from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
 from qconv.formats.bitpack import pack_rows, packed_words
-from qconv.formats.hf_folder import write_config
+from qconv.formats.hf_folder import copy_tokenizer, write_config
 from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.quant.tensor import IntGrid, QuantizedTensor
@@ -86,7 +86,7 @@ def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
     by_grid: dict[tuple, list[str]] = {}
     for name, grid in ctx.quantized.items():
         key = (grid.bits, grid.group_size, grid.symmetric, bool(ctx.config.get("_qconv_actorder")))
-        by_grid.setdefault(key, []).append(name)
+        by_grid.setdefault(key, []).append(name.removesuffix(".weight"))
     groups = {}
     for i, ((bits, gs, sym, actorder), names) in enumerate(sorted(by_grid.items())):
         grid = IntGrid(bits, gs, sym)
@@ -119,8 +119,9 @@ class CompressedTensorsWriter(FormatWriter):
     description = "compressed-tensors pack-quantized safetensors (transformers, vLLM, llm-compressor)"
     supported_bits = (2, 3, 4, 5, 6, 7, 8)
 
-    def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, observer: str = "minmax"):
-        super().__init__(out_dir, verifier, max_shard_bytes)
+    def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = "",
+                 observer: str = "minmax"):  # fmt: skip
+        super().__init__(out_dir, verifier, max_shard_bytes, target_name)
         self.observer = observer
         self._writer: ShardedSafetensorsWriter | None = None
 
@@ -149,11 +150,12 @@ class CompressedTensorsWriter(FormatWriter):
         specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
         return specs
 
-    def begin(self, specs: list[TensorSpec], ctx: WriteContext) -> None:
-        self._writer = ShardedSafetensorsWriter(self.out_dir, specs, self.max_shard_bytes)
+    def begin(self, plan: Plan, ctx: WriteContext) -> None:
+        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
 
     def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
         assert self._writer is not None
+        name = name.removesuffix(".weight")
         tensors = pack_ct(qt)
         self.verifier.check(
             name, "ct-int", qt.dequantize(torch.float32), **ct_kernel_args(tensors, qt.grid.bits, qt.grid.group_size)
@@ -173,7 +175,8 @@ class CompressedTensorsWriter(FormatWriter):
         config["quantization_config"] = quantization_config(ctx, self.observer)
         write_config(self.out_dir, config, ctx.dtype)
         index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        return [*files, *index, "config.json"]
+        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
+        return [*files, *index, "config.json", *tokenizer]
 
     def abort(self) -> None:
         if self._writer is not None:

@@ -237,6 +237,8 @@ def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
     torch's cast quiets signalling NaNs (sets the top mantissa bit); numpy's, which gguf-py uses, only shifts the
     payload. Every non-NaN value widens exactly, so only NaN lanes are rebuilt from the bits.
     """
+    if not bool(torch.isnan(h).any()):  # the common case: a plain cast is exact
+        return h.to(torch.float32)
     bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
     is_nan = ((bits & 0x7C00) == 0x7C00) & ((bits & 0x03FF) != 0)
     nan_bits = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x03FF) << 13)
@@ -249,12 +251,14 @@ def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     IEEE 754 leaves the choice of NaN payload open and torch's vectorized CPU kernels propagate b's; fixing the
     choice keeps dequantization bit-exact even for blocks whose scale and min fields are both NaN.
     """
-    return torch.where(torch.isnan(a), a, a + b)
+    nan = torch.isnan(a)
+    return torch.where(nan, a, a + b) if bool(nan.any()) else a + b
 
 
 def _sub(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a - b with ``_add``'s NaN choice."""
-    return torch.where(torch.isnan(a), a, a - b)
+    nan = torch.isnan(a)
+    return torch.where(nan, a, a - b) if bool(nan.any()) else a - b
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

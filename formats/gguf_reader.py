@@ -82,6 +82,8 @@ class _Cursor:
             if depth > 2:
                 raise InputError(f"{self.path}: corrupt GGUF header: {what} nests arrays too deeply")
             etype = self.unpack("<I", what)
+            if depth == 0:
+                self.last_etype = etype
             n = self.unpack("<Q", what)
             # Every element takes at least one byte: a count beyond the bytes left is a lie.
             if n > self.size - self.pos:
@@ -118,11 +120,14 @@ class GGUFFile:
             raise InputError(f"{self.path}: corrupt GGUF header: {n_tensors} tensors / {n_kv} keys")
         self.kv: dict[str, Any] = {}
         self.kv_types: dict[str, int] = {}
+        self.kv_etypes: dict[str, int] = {}  # element type of array values
         for _ in range(n_kv):
             key = c.string("metadata key")
             vtype = c.unpack("<I", f"type of {key}")
             self.kv[key] = c.value(vtype, key)
             self.kv_types[key] = vtype
+            if vtype == T_ARRAY:
+                self.kv_etypes[key] = c.last_etype
         raw_infos = []
         for _ in range(n_tensors):
             name = c.string("tensor name")

@@ -187,7 +187,8 @@ class GGUFFileWriter:
         head += b"\0" * (data_start - len(head))
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self._fd, bytes(head), 0)
-        os.ftruncate(self._fd, data_start + pos)
+        # ggml reads every tensor's data padded to the alignment, the last one included
+        os.ftruncate(self._fd, data_start + _align(pos, alignment))
         self._where = {s.name: (data_start + offsets[s.name], s) for s in specs}
         self._pending = {s.name for s in specs}
 

@@ -50,8 +50,12 @@ def copy_tokenizer(src: Path, out_dir: Path) -> list[str]:
 
 
 class AtomicOutput:
-    """Build an output (folder or file) under a temporary name next to ``target``; ``commit`` renames it into
-    place, ``discard`` removes it. Nothing half-written is ever visible at ``target``."""
+    """Build an output (a folder, or one or more files) in a temporary folder next to ``target``; ``commit`` moves
+    it into place, ``discard`` removes it. Nothing half-written is ever visible at ``target``.
+
+    Folder outputs: the temporary folder becomes ``target``. File outputs (``is_dir=False``): every file built in
+    the temporary folder (the artifact, its splits, its manifest) is renamed into ``target``'s folder.
+    """
 
     def __init__(self, target: Path, force: bool, is_dir: bool, inputs: list[Path] = ()):
         self.target = target.resolve()
@@ -61,37 +65,44 @@ class AtomicOutput:
                 raise InputError(f"{target}: the output would overwrite an input ({p}); choose another --out")
         if self.target.exists() and not force:
             raise InputError(f"{target}: already exists; pass --force to replace it")
+        if self.target.exists() and not is_dir and self.target.is_dir():
+            raise InputError(f"{target}: is a folder; this format writes a file (e.g. --out model.gguf)")
         parent = self.target.parent
-        if not parent.is_dir():
-            raise InputError(f"{target}: parent folder {parent} does not exist")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{target}: cannot create its parent folder ({e.strerror})") from None
         self.is_dir = is_dir
-        prefix = f".{self.target.name}.qconv-tmp-"
-        if is_dir:
-            self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-            os.close(fd)
-            self.path = Path(name)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.qconv-tmp-", dir=parent))
+        self.inputs = [Path(p).resolve() for p in inputs]
 
     def commit(self) -> Path:
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.qconv-old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.path, self.target)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(self.path, self.target)
         if self.is_dir:
+            _replace(self.path, self.target)
             os.chmod(self.target, 0o755)
-        else:
-            os.chmod(self.target, 0o644)
+            return self.target
+        for f in sorted(self.path.iterdir()):
+            dest = self.target.parent / f.name
+            if dest.resolve() in self.inputs:
+                raise InputError(f"{dest}: the output would overwrite an input; choose another --out")
+            os.chmod(f, 0o644)
+            os.replace(f, dest)
+        self.path.rmdir()
         return self.target
 
     def discard(self) -> None:
-        if self.path.is_dir():
-            shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _replace(src: Path, dest: Path) -> None:
+    """Move folder ``src`` to ``dest``, replacing an existing ``dest`` only after the move succeeded."""
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.qconv-old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(src, dest)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            self.path.unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
+    else:
+        os.replace(src, dest)

@@ -20,10 +20,21 @@ from qconv.kernels._triton import HAVE_TRITON, kernel_device_ok
 
 MODES = ("auto", "kernel", "reference", "off")
 
+
 # layout name → (reference dequantizer, Triton dequantizer); both take the layout's packed tensors as keywords
 # and return float32 weights.
-LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+def _ggml_reference(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+    from qconv.formats.ggml_blocks import dequantize
+
+    n = 1
+    for d in shape:
+        n *= d
+    return dequantize(raw, ggml_type, n).reshape(shape)
+
+
+LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor] | None]] = {
     "ct-int": (ct_int.dequant_reference, ct_int.dequant_triton),
+    "ggml": (_ggml_reference, None),
 }
 
 
@@ -42,8 +53,10 @@ class Verifier:
         ref, kern = LAYOUTS[layout]
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
         probe = next(v for v in moved.values() if isinstance(v, torch.Tensor))
-        use_kernel = self.mode == "kernel" or (self.mode == "auto" and probe.is_cuda and HAVE_TRITON)
+        use_kernel = self.mode == "kernel" or (self.mode == "auto" and probe.is_cuda and HAVE_TRITON and kern)
         if use_kernel:
+            if kern is None:
+                raise RuntimeError(f"--verify kernel: no Triton kernel for the {layout!r} layout yet; use auto")
             if not kernel_device_ok(probe):
                 raise RuntimeError(
                     "--verify kernel needs triton and a CUDA device, or TRITON_INTERPRET=1 to run kernels on CPU"

@@ -24,7 +24,8 @@ PRESETS: dict[str, tuple[str, str | None, str, str]] = {
     "pileval": ("mit-han-lab/pile-val-backup", None, "validation", "text"),
     "ultrachat": ("HuggingFaceH4/ultrachat_200k", None, "train_sft", "messages"),
 }
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+PLAIN_SUFFIXES = (".txt", ".raw", ".text", ".md")  # read whole, as one text (".raw": WikiText's own files)
+LOCAL_SUFFIXES = (*PLAIN_SUFFIXES, ".jsonl", ".json", ".parquet")
 DEFAULT_NAME = "qconv-default"
 
 
@@ -89,9 +90,10 @@ def _render_chat(messages: list, tokenizer) -> str:
 
 
 def read_local(path: Path, field: str | None = None, tokenizer=None) -> list[str]:
-    """Texts of one local file (.txt whole; .jsonl one record a line; .json list or {"data": [...]}; .parquet)."""
+    """Texts of one local file: plain text (.txt/.raw/.text/.md) whole; .jsonl one record a line; .json a list
+    or {"data": [...]}; .parquet a text column."""
     try:
-        if path.suffix == ".txt":
+        if path.suffix in PLAIN_SUFFIXES:
             return [path.read_text(encoding="utf-8")]
         if path.suffix == ".jsonl":
             records = []

@@ -127,6 +127,33 @@ def main() -> None:
     "(kernel on CUDA). 'kernel' on CPU runs Triton's interpreter.",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+@click.option(
+    "--imatrix",
+    "imatrix",
+    default=None,
+    metavar="auto|FILE",
+    help="Importance per input column: 'auto' = calibration mean x² (collected through the already "
+    "quantized layers), or a llama.cpp imatrix file (.gguf or legacy .dat).",
+)
+@click.option(
+    "--gguf-type",
+    default="Q4_K_M",
+    show_default=True,
+    help="GGUF: llama-quantize file type — F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L "
+    "Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS (Q3_K/Q4_K/Q5_K = the _M mixes).",
+)
+@click.option("--pure", is_flag=True, help="GGUF: one type for every quantizable tensor (no mix rules).")
+@click.option(
+    "--tensor-type",
+    multiple=True,
+    metavar="REGEX=TYPE",
+    help="GGUF: type for tensors whose GGUF name matches (repeatable; first match wins).",
+)
+@click.option("--output-tensor-type", default=None, help="GGUF: type of output.weight.")
+@click.option("--token-embedding-type", default=None, help="GGUF: type of token_embd.weight.")
+@click.option("--leave-output-tensor", is_flag=True, help="GGUF: keep output.weight unquantized (F16).")
+@click.option("--split-max-size", default=None, help="GGUF: split into llama.cpp splits of at most this size.")
+@click.option("--gguf-pre", default=None, help="GGUF: llama.cpp pre-tokenizer name when it cannot be detected.")
 @click.option("--eval", "do_eval", is_flag=True, help="Evaluate the artifact against the input model after writing.")
 @click.option("--eval-text", default=None, type=click.Path(), help="Eval text file (default: bundled held-out text).")
 @click.option("--eval-chunks", type=int, default=None, help="Eval chunks (default: all in the text).")
@@ -137,8 +164,9 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
-             calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, do_eval, eval_text,
-             eval_chunks, eval_ctx, force, allow_pickle, revision, quiet, as_json):  # fmt: skip
+             calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, imatrix, gguf_type, pure,
+             tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
+             do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle, revision, quiet, as_json):  # fmt: skip
     """Quantize MODEL and write it to --out."""
     try:
         if verify == "kernel" and not device.startswith("cuda"):
@@ -154,8 +182,16 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
         cfg = QuantizeConfig(
             method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
             ignore=tuple(ignore), calib=calib, calib_field=calib_field, calib_samples=calib_samples,
-            calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, method_options={"no_calib": True} if no_calib else {},
+            calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
+            method_options={"no_calib": no_calib, "importance": imatrix or "none"},
         )  # fmt: skip
+        if fmt == "gguf":
+            cfg.format_options = {
+                "gguf_type": gguf_type, "pure": pure, "tensor_type": tuple(tensor_type),
+                "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,
+                "leave_output": leave_output_tensor, "gguf_pre": gguf_pre, "has_imatrix": imatrix is not None,
+                "split_max_bytes": parse_size(split_max_size) if split_max_size else None,
+            }  # fmt: skip
         run = RunOptions(device=device, batch_size=batch_size, verify=verify,
                          max_shard_bytes=parse_size(max_shard_size), force=force, allow_pickle=allow_pickle,
                          revision=revision)  # fmt: skip
@@ -167,7 +203,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
 
         summary = run_quantize(model, Path(out), cfg, run, reporter, argv=["qconv", *sys.argv[1:]], eval_fn=eval_fn)
         reporter.log(
-            f"[green]wrote[/] {summary['output']}: {summary['quantized_linears']} linears, "
+            f"[green]wrote[/] {summary['output']}: {summary['quantized_tensors']} quantized tensors, "
             f"{summary['bits_per_weight']} bits/weight, {summary['artifact_bytes'] / 2**20:.1f} MiB "
             f"in {summary['seconds']:.1f} s (verify {summary['verify_seconds']:.2f} s)"
         )
@@ -193,10 +229,16 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Chunks per forward pass.")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    help="Compute dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.",
+)
 @click.option("--no-cache", is_flag=True, help="Recompute the base model's outputs even if cached.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
-def eval_cmd(artifact, base, text_path, chunks, ctx, device, batch_size, no_cache, quiet, as_json):
+def eval_cmd(artifact, base, text_path, chunks, ctx, device, batch_size, dtype, no_cache, quiet, as_json):
     """Perplexity of ARTIFACT (llama-perplexity's method), KL divergence and top-1 agreement against --base.
 
     ARTIFACT may be any folder or GGUF file qconv reads (its own outputs included)."""
@@ -205,7 +247,9 @@ def eval_cmd(artifact, base, text_path, chunks, ctx, device, batch_size, no_cach
         from qconv.progress import Reporter
 
         reporter = Reporter(quiet=quiet)
-        r = evaluate(artifact, base, text_path, chunks, ctx, device, batch_size, reporter, use_cache=not no_cache)
+        r = evaluate(
+            artifact, base, text_path, chunks, ctx, device, batch_size, reporter, use_cache=not no_cache, dtype=dtype
+        )
         if as_json:
             click.echo(json.dumps(r))
         else:
@@ -245,6 +289,39 @@ def inspect_cmd(path, as_json, tensors):
                     t["name"], t.get("type") or t.get("dtype"), "×".join(map(str, t["shape"])), str(t["bytes"])
                 )
             console.print(table)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, as_json)
+
+
+@main.command("imatrix")
+@click.argument("model")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output file (llama.cpp GGUF imatrix form).")
+@click.option("--calib", metavar="SRC", default=None, help="Calibration text (as for quantize; default: bundled).")
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-seqlen", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def imatrix_cmd(model, out, calib, calib_samples, calib_seqlen, seed, device, batch_size, force, quiet, as_json):
+    """Compute an importance matrix (per-column mean x² of every linear's input) for MODEL and write it as
+    llama.cpp's GGUF imatrix, usable by both `qconv quantize --imatrix FILE` and llama-quantize."""
+    try:
+        from pathlib import Path
+
+        from qconv.imatrix import imatrix_command
+        from qconv.progress import Reporter
+
+        r = imatrix_command(model, Path(out), calib, calib_samples, calib_seqlen, seed, device, batch_size, force,
+                            Reporter(quiet=quiet))  # fmt: skip
+        if as_json:
+            click.echo(json.dumps(r))
+        elif not quiet:
+            click.echo(
+                f"wrote {r['output']}: {r['entries']} entries, {r['chunks']} × {r['chunk_size']} tokens", err=True
+            )
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         _fail(e, as_json)
 

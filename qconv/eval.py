@@ -26,8 +26,8 @@ from qconv import __version__
 from qconv.calibration import add_bos, packaged_texts, sha256_texts
 from qconv.errors import InputError
 from qconv.memory import trim
-from qconv.model.runner import LayerRunner, logits_fn
-from qconv.model.source import TensorSource, open_source
+from qconv.model.runner import LayerRunner, compute_dtype, logits_fn
+from qconv.model.source import TensorSource, cache_root, open_source
 from qconv.progress import Reporter
 
 
@@ -40,8 +40,7 @@ class EvalText:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("QCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qconv")
-    return Path(root) / "eval"
+    return cache_root() / "eval"
 
 
 def load_eval_text(path: str | None, tokenizer, ctx: int, chunks: int | None) -> EvalText:
@@ -78,10 +77,16 @@ def load_eval_text(path: str | None, tokenizer, ctx: int, chunks: int | None) ->
 
 
 def final_hidden(
-    source: TensorSource, chunks: torch.Tensor, device: torch.device, batch: int, reporter: Reporter, label: str
+    source: TensorSource,
+    chunks: torch.Tensor,
+    device: torch.device,
+    batch: int,
+    reporter: Reporter,
+    label: str,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, LayerRunner]:
     """Run every chunk through all decoder layers → hidden states before the final norm, float32 [n, ctx, H]."""
-    runner = LayerRunner(source, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    runner = LayerRunner(source, device, dtype or compute_dtype(device))
     h = runner.embed(chunks).float().cpu()
     with reporter.task(f"eval: {label}", source.num_layers) as advance:
         for i in range(source.num_layers):
@@ -93,28 +98,30 @@ def final_hidden(
     return h, runner
 
 
-def _fingerprint(source: TensorSource, text: EvalText, device: torch.device) -> str:
+def _fingerprint(source: TensorSource, text: EvalText, device: torch.device, dtype: torch.dtype) -> str:
     h = hashlib.sha256()
     for f in source.input_files:
         st = Path(f).stat()
         h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(text.chunks.numpy().tobytes())
-    h.update(f"{device.type}|{__version__}".encode())
+    h.update(f"{device.type}|{dtype}|{__version__}".encode())
     return h.hexdigest()[:32]
 
 
-def base_hidden(source, text, device, batch, reporter, use_cache: bool) -> tuple[torch.Tensor, LayerRunner | None]:
+def base_hidden(
+    source, text, device, batch, reporter, use_cache: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, LayerRunner | None]:
     """The base model's scored-half final hidden states, from the cache when possible."""
     from safetensors.torch import load_file, save_file
 
     first = text.chunks.shape[1] // 2
-    path = cache_dir() / f"base-{_fingerprint(source, text, device)}.safetensors"
+    path = cache_dir() / f"base-{_fingerprint(source, text, device, dtype)}.safetensors"
     if use_cache and path.is_file():
         try:
             return load_file(str(path))["hidden"], None
         except Exception:  # a corrupt cache entry is recomputed, never trusted
             path.unlink(missing_ok=True)
-    h, runner = final_hidden(source, text.chunks, device, batch, reporter, "base model")
+    h, runner = final_hidden(source, text.chunks, device, batch, reporter, "base model", dtype)
     h = h[:, first:].contiguous()
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +174,14 @@ def evaluate(
     batch: int = 4,
     reporter: Reporter | None = None,
     use_cache: bool = True,
+    dtype: str = "auto",
 ) -> dict:
     """Perplexity of ``artifact`` and its KL divergence / top-1 agreement against ``base``, on the same tokens."""
     import transformers
 
     reporter = reporter or Reporter(quiet=True)
     dev = torch.device(device)
+    dt = compute_dtype(dev, dtype)
     base_src = open_source(base)
     art_src = open_source(artifact)
     try:
@@ -180,9 +189,9 @@ def evaluate(
             raise InputError(f"{artifact}: vocabulary differs from the base model {base}")
         tok = transformers.AutoTokenizer.from_pretrained(str(base_src.tokenizer_dir()))
         text = load_eval_text(text_path, tok, ctx, chunks)
-        bh, brunner = base_hidden(base_src, text, dev, batch, reporter, use_cache)
-        brunner = brunner or LayerRunner(base_src, dev, torch.float32 if dev.type == "cpu" else torch.bfloat16)
-        qh, qrunner = final_hidden(art_src, text.chunks, dev, batch, reporter, "quantized model")
+        bh, brunner = base_hidden(base_src, text, dev, batch, reporter, use_cache, dt)
+        brunner = brunner or LayerRunner(base_src, dev, dt)
+        qh, qrunner = final_hidden(art_src, text.chunks, dev, batch, reporter, "quantized model", dt)
         qh = qh[:, ctx // 2 :]
         with reporter.task("eval: scoring", None):
             m = compare(bh, qh, logits_fn(brunner), logits_fn(qrunner), text.chunks)

@@ -50,13 +50,8 @@ def _artifact_bytes(out_dir: Path) -> int:
 def build_manifest(
     *, source, inputs, cfg, fmt_description, calibration, verification, tensors, plan, out_dir, dtype, argv
 ) -> dict:
-    n_quant = 0
-    quant_bytes = 0
-    by_name = {s.name: s for s in plan.specs}
-    for module in plan.grids:
-        out_f, in_f = source.shape(module + ".weight")
-        n_quant += out_f * in_f
-        quant_bytes += sum(s.nbytes for n, s in by_name.items() if n.startswith(module + ".weight_"))
+    n_quant = sum(math.prod(source.shape(n)) for n in plan.grids)
+    quant_bytes = sum(plan.nbytes.get(n, 0) for n in plan.grids)
     total_params = sum(math.prod(source.shape(n)) for n in plan.dense) + n_quant
     artifact = _artifact_bytes(out_dir)
     return {
@@ -70,7 +65,9 @@ def build_manifest(
         "verification": verification,
         "summary": {
             "layers": source.num_layers,
-            "quantized_linears": len(plan.grids),
+            "quantized_tensors": len(plan.grids),
+            "quantized_linears": len(plan.method),
+            "notes": plan.notes,
             "kept_dense_linears": plan.ignored + ([] if source.tied else ["lm_head"]),
             "quantized_weights": n_quant,
             "parameters": total_params,
@@ -84,8 +81,8 @@ def build_manifest(
     }
 
 
-def write_manifest(out_dir: Path, manifest: dict) -> None:
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+def write_manifest(path: Path, manifest: dict) -> None:
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
 
 def _eval_lines(ev: dict | None) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,17 +20,16 @@ from qconv import __version__
 from qconv.calibration import CalibrationSet, build_calibration
 from qconv.errors import InputError
 from qconv.formats.base import GridRequest, WriteContext
-from qconv.formats.hf_folder import AtomicOutput, copy_tokenizer, dtype_name
+from qconv.formats.hf_folder import AtomicOutput, dtype_name
 from qconv.formats.registry import WRITERS
-from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.verify import Verifier
 from qconv.manifest import build_manifest, file_digests, write_manifest, write_model_card
 from qconv.memory import trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
-from qconv.model.runner import LayerRunner
+from qconv.methods.rtn import rtn
+from qconv.model.runner import LayerRunner, compute_dtype
 from qconv.model.source import TensorSource, open_source
 from qconv.progress import Reporter
-from qconv.quant.tensor import IntGrid
 from qconv.stats import StatsCollector
 
 DEFAULT_IGNORE = ()  # embeddings, lm_head and norms are never candidates; --ignore adds linears
@@ -53,6 +53,7 @@ class QuantizeConfig:
     seed: int = 0
     dtype: str = "auto"
     method_options: dict = field(default_factory=dict)
+    format_options: dict = field(default_factory=dict)
 
     def manifest(self) -> dict:
         d = asdict(self)
@@ -86,11 +87,6 @@ def resolve_dtype(name: str, source: TensorSource) -> torch.dtype:
     return dt
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    # CPU kernels are fastest and exact in float32; on GPU bf16 halves activation memory for large models.
-    return torch.float32 if device.type == "cpu" else torch.bfloat16
-
-
 def check_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -98,58 +94,6 @@ def check_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"--device {device}: choose cpu or cuda")
     return dev
-
-
-@dataclass
-class Plan:
-    """Which linears get which grid, which stay dense, and every output tensor in emission order."""
-
-    grids: dict[str, IntGrid]  # module name → grid
-    ignored: list[str]  # linear module names kept dense
-    specs: list[TensorSpec]
-    dense: list[str]  # full tensor names written unchanged (cast to the output dtype)
-
-
-def make_plan(source: TensorSource, writer, cfg: QuantizeConfig, dtype: torch.dtype) -> Plan:
-    try:
-        patterns = [re.compile(p) for p in cfg.ignore]
-    except re.error as e:
-        raise InputError(f"--ignore {e.pattern!r}: not a valid regular expression ({e})") from None
-    a = source.adapter
-    req = GridRequest(cfg.bits, cfg.group_size, cfg.symmetric)
-    grids: dict[str, IntGrid] = {}
-    ignored: list[str] = []
-    specs: list[TensorSpec] = []
-    dense: list[str] = []
-
-    def add_dense(name: str) -> None:
-        specs.append(TensorSpec(name, source.shape(name), dtype))
-        dense.append(name)
-
-    add_dense(a.embed)
-    for i in range(source.num_layers):
-        prefix = a.layer_prefix(i)
-        present = set(source.layer_tensor_names(i))
-        expected = {f"{prefix}{lin}.weight" for lin in a.linears}
-        missing = sorted(expected - present)
-        if missing:
-            raise InputError(f"{source.name}: missing tensor {missing[0]!r}")
-        for lin in a.linears:
-            module = prefix + lin
-            shape = source.shape(module + ".weight")
-            if any(p.search(module) for p in patterns):
-                ignored.append(module)
-                add_dense(module + ".weight")
-                continue
-            grid = writer.grid_for(module, shape, req, dtype)
-            grids[module] = grid
-            specs.extend(writer.quantized_specs(module, shape, grid))
-        for name in sorted(present - expected):
-            add_dense(name)
-    add_dense(a.final_norm)
-    if not source.tied:
-        add_dense(a.lm_head)
-    return Plan(grids, ignored, specs, dense)
 
 
 def calibration_for(source: TensorSource, cfg: QuantizeConfig, reporter: Reporter) -> tuple[CalibrationSet, object]:
@@ -190,35 +134,59 @@ def quantize(
 
 def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dict:
     dtype = resolve_dtype(cfg.dtype, source)
-    method = METHODS[cfg.method](MethodOptions(clip=cfg.clip, extra=cfg.method_options))
-    verifier = Verifier(run.verify)
-    output = AtomicOutput(out, run.force, is_dir=True, inputs=source.input_files)
-    writer = WRITERS[cfg.format](output.path, verifier, run.max_shard_bytes)
     try:
-        plan = make_plan(source, writer, cfg, dtype)
-        reporter.log(
-            f"[bold]qconv[/] {cfg.method} → {cfg.format}: {len(plan.grids)} linears on "
-            f"{next(iter(plan.grids.values())).name if plan.grids else 'none'}, {source.num_layers} layers"
+        patterns = [re.compile(p) for p in cfg.ignore]
+    except re.error as e:
+        raise InputError(f"--ignore {e.pattern!r}: not a valid regular expression ({e})") from None
+    writer_cls = WRITERS[cfg.format]
+    verifier = Verifier(run.verify)
+    output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
+    writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options)
+    try:
+        plan = writer.plan(source, GridRequest(cfg.bits, cfg.group_size, cfg.symmetric), patterns, dtype)
+        importance = load_importance(cfg.method_options.get("importance", "none"), source, plan)
+        method = METHODS[cfg.method](
+            MethodOptions(clip=cfg.clip, extra={**cfg.method_options, "importance": importance})
         )
+        grids = sorted({g.name for g in plan.grids.values()})
+        reporter.log(
+            f"[bold]qconv[/] {cfg.method} → {cfg.format}: {len(plan.grids)} tensors on {', '.join(grids) or 'none'}, "
+            f"{source.num_layers} layers"
+        )
+        for note, count in Counter(plan.notes.values()).most_common():
+            reporter.log(f"  {count} tensor{'s' if count > 1 else ''}: {note}")
         runner = LayerRunner(source, device, compute_dtype(device))
         calib = None
         hidden = None
         if method.needs_calibration:
             calib, _tok = calibration_for(source, cfg, reporter)
             hidden = runner.embed(calib.tokens).to("cpu" if device.type == "cpu" else device)
-        ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied)
-        writer.begin(plan.specs, ctx)
+        provenance = {"qconv": __version__, "method": cfg.method, "calibration": calib.describe() if calib else None,
+                      "importance": importance if isinstance(importance, str) else "imatrix file"}  # fmt: skip
+        ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
+        writer.begin(plan, ctx)
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
         weight_dtype = source.weights_dtype()
         a = source.adapter
-        writer.write_dense(a.embed, source.read(a.embed).to(dtype))
+
+        def write_other(name: str) -> None:
+            """A tensor the method does not touch: dense, or plain RTN onto the grid the format gave it."""
+            if name in plan.grids:
+                imp = importance.get(name.removesuffix(".weight")) if isinstance(importance, dict) else None
+                qt = rtn(source.read(name), plan.grids[name], importance=imp)
+                writer.write_quantized(name, qt)
+                tensor_stats[name] = stats_row(qt)
+            elif name in dense:
+                writer.write_dense(name, source.read(name).to(dtype))
+
+        write_other(a.embed)
         with reporter.task("quantizing layers", source.num_layers) as advance:
             for i in range(source.num_layers):
                 # Without calibration the layer only carries weights: keep them in their stored precision.
                 layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
                 prefix = a.layer_prefix(i)
-                linears = [lin for lin in a.linears if prefix + lin in plan.grids]
+                linears = [lin for lin in a.linears if f"{prefix}{lin}.weight" in plan.method]
 
                 def collect(wanted, layer=layer, i=i):
                     with StatsCollector(layer, wanted) as stats:
@@ -229,30 +197,30 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     index=i,
                     layer=layer,
                     linears=linears,
-                    grids={lin: plan.grids[prefix + lin] for lin in linears},
+                    grids={lin: plan.grids[f"{prefix}{lin}.weight"] for lin in linears},
                     collect=collect if hidden is not None else None,
+                    prefix=prefix,
                 )
                 qts = method.quantize_layer(lctx)
                 for lin in linears:
                     qt = qts.pop(lin)
                     lctx.set_weight(lin, qt.dequantize())  # the weights loaders will compute
-                    writer.write_quantized(prefix + lin, qt)
-                    tensor_stats[prefix + lin] = {"grid": qt.grid.name, **{k: round(v, 8) for k, v in qt.stats.items()}}
+                    writer.write_quantized(f"{prefix}{lin}.weight", qt)
+                    tensor_stats[f"{prefix}{lin}.weight"] = stats_row(qt)
                     del qt
                     trim()
                 for name in source.layer_tensor_names(i):
-                    if name in dense:
-                        writer.write_dense(name, source.read(name).to(dtype))
+                    if name not in plan.method:
+                        write_other(name)
                 if hidden is not None and i + 1 < source.num_layers:
                     runner.run(layer, i, hidden, run.batch_size, into=hidden)
                 del layer, lctx, qts
                 trim()
                 advance(1, f"layer {i}")
-        writer.write_dense(a.final_norm, source.read(a.final_norm).to(dtype))
+        write_other(a.final_norm)
         if not source.tied:
-            writer.write_dense(a.lm_head, source.read(a.lm_head).to(dtype))
+            write_other(a.lm_head)
         files = writer.finish(ctx)
-        files += copy_tokenizer(source.tokenizer_dir(), output.path)
         with reporter.task("hashing inputs", None):
             inputs = file_digests(source.input_files)
         manifest = build_manifest(
@@ -268,14 +236,18 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             dtype=dtype_name(dtype),
             argv=argv,
         )
-        write_manifest(output.path, manifest)
+        manifest_path = writer.manifest_path()
+        write_manifest(manifest_path, manifest)
         eval_result = None
         if eval_fn is not None:
-            eval_result = eval_fn(output.path)
+            eval_result = eval_fn(writer.artifact_path())
             manifest["eval"] = eval_result
-            write_manifest(output.path, manifest)
-        write_model_card(output.path, manifest)
+            write_manifest(manifest_path, manifest)
+        if not writer.is_file:
+            write_model_card(output.path, manifest)
         final = output.commit()
+        if writer.is_file:  # split outputs: report the first file, the one loaders are given
+            final = final.with_name(files[0])
     except BaseException:
         writer.abort()
         output.discard()
@@ -286,7 +258,8 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         "output": str(final),
         "method": cfg.method,
         "format": cfg.format,
-        "quantized_linears": len(plan.grids),
+        "quantized_tensors": len(plan.grids),
+        "quantized_linears": len(plan.method),
         "bits_per_weight": manifest["summary"]["bits_per_weight"],
         "artifact_bytes": manifest["summary"]["artifact_bytes"],
         "seconds": round(seconds, 2),
@@ -295,3 +268,17 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         "files": sorted(set(files)),
         "qconv_version": __version__,
     }
+
+
+def stats_row(qt) -> dict:
+    return {"grid": qt.grid.name, **{k: round(v, 8) for k, v in qt.stats.items()}}
+
+
+def load_importance(spec, source, plan):
+    """--imatrix: "none", "auto" (calibration mean x², collected by the method), or a llama.cpp imatrix file →
+    {module name: float32 [in]} for the planned tensors."""
+    if spec in ("none", "auto", None):
+        return spec or "none"
+    from qconv.imatrix import read_imatrix, to_hf_names
+
+    return to_hf_names(read_imatrix(Path(spec)), source)

@@ -77,6 +77,7 @@ def test_gguf_py_reads_our_file(tmp_path):
     assert np.array_equal(by["b.weight"].data, w16.numpy())
     assert by["c.weight"].data.tobytes() == q8.numpy().tobytes()
     assert all(t.data_offset % 32 == 0 for t in r.tensors)
+    assert path.stat().st_size % 32 == 0  # ggml reads the last tensor padded too
     # and our own reader agrees
     ours = GGUFFile(path)
     assert ours.kv["some.u16"] == 65535

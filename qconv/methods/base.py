@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qconv.quant.tensor import IntGrid, QuantizedTensor
+from qconv.quant.tensor import Grid, Quantized
 from qconv.stats import LinearStats
 
 
@@ -38,8 +38,9 @@ class LayerContext:
     index: int
     layer: nn.Module
     linears: list[str]
-    grids: dict[str, IntGrid]
+    grids: dict[str, Grid]
     collect: Callable[[dict[str, Iterable[str]]], dict[str, LinearStats]] | None
+    prefix: str = ""  # full-name prefix of this layer's modules, e.g. "model.layers.3."
 
     def weight(self, name: str) -> torch.Tensor:
         return self.layer.get_submodule(name).weight.data
@@ -63,6 +64,6 @@ class Method(ABC):
         return False
 
     @abstractmethod
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedTensor]:
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Quantized]:
         """Quantize ``ctx.linears``; return name → QuantizedTensor. The pipeline writes the dequantized weights
         back into the layer afterwards (a method may do it earlier, e.g. between true-sequential groups)."""

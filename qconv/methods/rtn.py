@@ -1,30 +1,69 @@
-"""Round-to-nearest: each group's scale/zero from its range, optionally with a searched clipping range."""
+"""Round-to-nearest: each group's (or block's) parameters from its own weights, no error feedback."""
 
 from __future__ import annotations
 
+import torch
+
 from qconv.methods.base import LayerContext, Method
+from qconv.quant import ggml_grid
 from qconv.quant.int_grid import quantize_weight
-from qconv.quant.tensor import QuantizedTensor
+from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, Grid, IntGrid, Quantized
+
+
+def rtn(w: torch.Tensor, grid: Grid, clip: str = "minmax", importance: torch.Tensor | None = None) -> Quantized:
+    """Quantize one weight [out, in] onto ``grid`` by rounding to nearest.
+
+    Integer grids: scale/zero from each group's range, or with ``clip="mse"`` a searched clipping range.
+    GGML grids: llama.cpp's formats with a least-squares search of every (sub-)block's scale and min
+    (qconv.quant.ggml_grid.fit). ``importance`` (float [in], e.g. calibration mean x² or an imatrix) weights the
+    squared error per input column in both.
+    """
+    if isinstance(grid, IntGrid):
+        return quantize_weight(w, grid, clip=clip, importance=importance)
+    if isinstance(grid, GGMLGrid):
+        fields = ggml_grid.fit(w, grid.ggml_type, importance)
+        qt = BlockQuantizedTensor(grid, fields, tuple(w.shape))
+        deq = qt.dequantize()
+        diff = deq - w.float()
+        stats = {
+            "rel_mse": float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30)),
+            "max_abs_err": float(diff.abs().max()) if diff.numel() else 0.0,
+        }
+        if importance is not None:
+            imp = importance.float().to(w.device)
+            stats["rel_mse_weighted"] = float(
+                (diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)
+            )
+        qt.stats.update(stats)
+        return qt
+    raise TypeError(f"RTN cannot quantize onto {grid!r}")
 
 
 class RTN(Method):
-    """RTN onto integer grids. ``--clip mse`` searches each group's clipping range for least squared error,
-    weighted per input column by the calibration mean x² when calibration data is present (the same importance
-    llama.cpp's imatrix uses); plain RTN needs no calibration at all."""
+    """RTN onto integer or GGML grids. Importance per input column comes from an imatrix (``--imatrix FILE``), or
+    from calibration (``--imatrix auto``, or ``--clip mse`` on integer grids: the same mean x² llama.cpp's imatrix
+    holds, collected on the outputs of the already quantized layers); plain RTN needs no calibration at all."""
 
     name = "rtn"
-    description = "round-to-nearest, optional per-group MSE clip search (activation-weighted with calibration)"
+    description = "round-to-nearest; searched clipping (int) / least-squares block scales (GGUF); optional imatrix"
 
     @property
     def needs_calibration(self) -> bool:
-        return self.options.clip == "mse" and not self.options.extra.get("no_calib", False)
+        imp = self.options.extra.get("importance", "none")
+        if self.options.extra.get("no_calib", False) or isinstance(imp, dict):
+            return False
+        return imp == "auto" or self.options.clip == "mse"
 
-    def quantize_layer(self, ctx: LayerContext) -> dict[str, QuantizedTensor]:
-        stats = {}
+    def importance(self, ctx: LayerContext) -> dict[str, torch.Tensor]:
+        imp = self.options.extra.get("importance", "none")
+        if isinstance(imp, dict):
+            prefix = ctx.prefix
+            return {n: imp[prefix + n] for n in ctx.linears if prefix + n in imp}
         if self.needs_calibration and ctx.collect is not None:
             stats = ctx.collect({name: {"sq_mean"} for name in ctx.linears})
-        out = {}
-        for name in ctx.linears:
-            imp = stats[name].sq_mean if name in stats else None
-            out[name] = quantize_weight(ctx.weight(name), ctx.grids[name], clip=self.options.clip, importance=imp)
-        return out
+            return {n: s.sq_mean for n, s in stats.items()}
+        return {}
+
+    def quantize_layer(self, ctx: LayerContext) -> dict[str, Quantized]:
+        imp = self.importance(ctx)
+        return {n: rtn(ctx.weight(n), ctx.grids[n], self.options.clip, imp.get(n)) for n in ctx.linears}

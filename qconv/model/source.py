@@ -256,26 +256,40 @@ class GGUFSource(TensorSource):
         return w
 
     def tokenizer_dir(self) -> Path:
-        """transformers builds a fast tokenizer from the GGUF vocabulary; saved once to a temporary folder."""
-        if self._tok_dir is None:
-            import transformers
-
-            tmp = Path(tempfile.mkdtemp(prefix="qconv-tok-"))
-            try:
-                tok = transformers.AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
-                tok.save_pretrained(tmp)
-                gen = {"bos_token_id": self.config.get("bos_token_id"), "eos_token_id": self.config.get("eos_token_id")}
-                (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
-            except Exception as e:  # transformers raises many types here; the cause is the file
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise InputError(f"{self.path}: cannot build a tokenizer from its GGUF vocabulary ({e})") from e
-            self._tok_dir = tmp
-        return self._tok_dir
-
-    def close(self) -> None:
+        """transformers builds a fast tokenizer from the GGUF vocabulary (seconds for a large vocabulary), cached
+        under the qconv cache folder by a hash of the vocabulary metadata."""
         if self._tok_dir is not None:
-            shutil.rmtree(self._tok_dir, ignore_errors=True)
-            self._tok_dir = None
+            return self._tok_dir
+        import hashlib
+
+        kv = {k: v for k, v in self.gguf.kv.items() if k.startswith("tokenizer.")}
+        key = hashlib.sha256(json.dumps(kv, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        cached = cache_root() / "tokenizers" / key
+        if (cached / "tokenizer_config.json").is_file():
+            self._tok_dir = cached
+            return cached
+        import transformers
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cached.parent))
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            tok.save_pretrained(tmp)
+            gen = {"bos_token_id": self.config.get("bos_token_id"), "eos_token_id": self.config.get("eos_token_id")}
+            (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
+            os.replace(tmp, cached)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process cached it first
+        except Exception as e:  # transformers raises many types here; the cause is the file
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(f"{self.path}: cannot build a tokenizer from its GGUF vocabulary ({e})") from e
+        self._tok_dir = cached
+        return cached
+
+
+def cache_root() -> Path:
+    """qconv's cache folder ($QCONV_CACHE, else ~/.cache/qconv)."""
+    return Path(os.environ.get("QCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qconv"))
 
 
 def builtin_path(name: str) -> Path:

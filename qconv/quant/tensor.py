@@ -80,3 +80,40 @@ class QuantizedTensor:
         from qconv.quant.int_grid import dequantize
 
         return dequantize(self.codes, self.scales, self.zeros, self.group_index(), dtype or self.grid.scale_dtype)
+
+
+@dataclass(frozen=True)
+class GGMLGrid:
+    """A llama.cpp block type (Q4_K, Q8_0, IQ4_XS, …) as a quantization target; the type fixes everything."""
+
+    ggml_type: int
+
+    @property
+    def name(self) -> str:
+        from qconv.formats.ggml_blocks import GGMLType
+
+        return GGMLType(self.ggml_type).name
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return torch.float32  # ggml dequantizes in float32
+
+
+@dataclass(frozen=True)
+class BlockQuantizedTensor:
+    """One weight [out, in] on a GGML block grid: ``fields`` (qconv.formats.ggml_blocks) hold every stored
+    component, blocks in row-major order (row r's blocks are r·in/B … (r+1)·in/B − 1)."""
+
+    grid: GGMLGrid
+    fields: object
+    shape: tuple[int, int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from qconv.quant.ggml_grid import dequantize
+
+        return dequantize(self.fields, self.shape[1]).reshape(self.shape).to(dtype or torch.float32)
+
+
+Grid = IntGrid | GGMLGrid
+Quantized = QuantizedTensor | BlockQuantizedTensor
