@@ -26,6 +26,7 @@ class GridRequest:
     bits: int
     group_size: int
     symmetric: bool
+    act_order: bool = False  # columns grouped in processing order: the layout stores a g_idx
 
 
 @dataclass
@@ -62,6 +63,7 @@ class FormatWriter(ABC):
     description: str = ""
     supported_bits: tuple[int, ...] = ()
     is_file: bool = False  # the output is one file (e.g. GGUF) rather than a folder
+    supports_g_idx: bool = False  # the layout can store act-order column groups (g_idx)
 
     def __init__(self, out_dir: Path, verifier: Verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
         """``out_dir``: the temporary folder the output is built in; ``target_name``: the final file name of a

@@ -75,7 +75,7 @@ def _weights_args(grid: IntGrid, actorder: bool, observer: str) -> dict:
         "strategy": "channel" if grid.group_size == -1 else "group",
         "block_structure": None,
         "dynamic": False,
-        "actorder": "group" if actorder else None,
+        "actorder": "weight" if actorder else None,
         "observer": observer,
         "observer_kwargs": {},
     }
@@ -85,7 +85,8 @@ def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
     """The ``quantization_config`` block: one config group per distinct grid."""
     by_grid: dict[tuple, list[str]] = {}
     for name, grid in ctx.quantized.items():
-        key = (grid.bits, grid.group_size, grid.symmetric, bool(ctx.config.get("_qconv_actorder")))
+        # compressed-tensors dropped actorder "group" (g_idx): act-order runs with static groups, recorded as "weight"
+        key = (grid.bits, grid.group_size, grid.symmetric, bool(ctx.provenance.get("act_order")))
         by_grid.setdefault(key, []).append(name.removesuffix(".weight"))
     groups = {}
     for i, ((bits, gs, sym, actorder), names) in enumerate(sorted(by_grid.items())):
@@ -148,6 +149,8 @@ class CompressedTensorsWriter(FormatWriter):
                 TensorSpec(f"{name}.weight_zero_point", (packed_words(out_f, grid.bits), n_groups), torch.int32)
             )
         specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
+        if grid.act_order:
+            specs.append(TensorSpec(f"{name}.weight_g_idx", (in_f,), torch.int32))
         return specs
 
     def begin(self, plan: Plan, ctx: WriteContext) -> None:
@@ -171,7 +174,6 @@ class CompressedTensorsWriter(FormatWriter):
         assert self._writer is not None
         files = self._writer.close()
         config = dict(ctx.config)
-        config.pop("_qconv_actorder", None)
         config["quantization_config"] = quantization_config(ctx, self.observer)
         write_config(self.out_dir, config, ctx.dtype)
         index = ["model.safetensors.index.json"] if len(files) > 1 else []

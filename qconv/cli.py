@@ -12,7 +12,7 @@ import traceback
 import click
 
 from qconv import __version__
-from qconv.errors import QconvError
+from qconv.errors import InputError, QconvError
 
 EPILOG_QUANTIZE = """\b
 Examples:
@@ -61,13 +61,13 @@ def main() -> None:
 @main.command(epilog=EPILOG_QUANTIZE)
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
-@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn.")
+@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn or gptq.")
 @click.option(
     "--format",
     "fmt",
     default="safetensors",
     show_default=True,
-    help="Output format: safetensors (compressed-tensors pack-quantized).",
+    help="Output format: safetensors (compressed-tensors pack-quantized) or gguf (llama.cpp; see --gguf-type).",
 )
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (2–8).")
 @click.option(
@@ -102,7 +102,7 @@ def main() -> None:
     "--calib",
     metavar="SRC",
     default=None,
-    help="Calibration text: a .txt/.jsonl/.json/.parquet file, a folder, a datasets name, or a preset "
+    help="Calibration text: a .txt/.raw/.jsonl/.json/.parquet file, a folder, a datasets name, or a preset "
     "(wikitext2, c4, pileval, ultrachat). Default: qconv's own bundled corpus.",
 )
 @click.option("--calib-field", default=None, help="Text field of json/parquet/dataset records.")
@@ -154,6 +154,19 @@ def main() -> None:
 @click.option("--leave-output-tensor", is_flag=True, help="GGUF: keep output.weight unquantized (F16).")
 @click.option("--split-max-size", default=None, help="GGUF: split into llama.cpp splits of at most this size.")
 @click.option("--gguf-pre", default=None, help="GGUF: llama.cpp pre-tokenizer name when it cannot be detected.")
+@click.option(
+    "--damp",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="GPTQ: dampening, a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails).",
+)
+@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option(
+    "--static-groups",
+    is_flag=True,
+    help="GPTQ with --act-order: group parameters fixed up front in natural column order (no g_idx).",
+)
 @click.option("--eval", "do_eval", is_flag=True, help="Evaluate the artifact against the input model after writing.")
 @click.option("--eval-text", default=None, type=click.Path(), help="Eval text file (default: bundled held-out text).")
 @click.option("--eval-chunks", type=int, default=None, help="Eval chunks (default: all in the text).")
@@ -166,7 +179,8 @@ def main() -> None:
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
              calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
-             do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle, revision, quiet, as_json):  # fmt: skip
+             damp, act_order, static_groups, do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle,
+             revision, quiet, as_json):  # fmt: skip
     """Quantize MODEL and write it to --out."""
     try:
         if verify == "kernel" and not device.startswith("cuda"):
@@ -179,11 +193,20 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
         from qconv.progress import Reporter
 
         reporter = Reporter(quiet=quiet)
+        if method != "gptq" and (act_order or static_groups or damp != 0.01):
+            raise InputError("--damp, --act-order and --static-groups apply to --method gptq")
+        if static_groups and not act_order:
+            raise InputError("--static-groups applies together with --act-order")
+        if method == "gptq" and no_calib:
+            raise InputError("--method gptq needs calibration data: drop --no-calib")
+        if damp <= 0:
+            raise InputError(f"--damp {damp}: must be positive")
         cfg = QuantizeConfig(
             method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
             ignore=tuple(ignore), calib=calib, calib_field=calib_field, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
-            method_options={"no_calib": no_calib, "importance": imatrix or "none"},
+            method_options={"no_calib": no_calib, "importance": imatrix or "none", **(
+                {"damp": damp, "act_order": act_order, "static_groups": static_groups} if method == "gptq" else {})},
         )  # fmt: skip
         if fmt == "gguf":
             cfg.format_options = {

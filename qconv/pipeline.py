@@ -143,7 +143,16 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
     output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
     writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options)
     try:
-        plan = writer.plan(source, GridRequest(cfg.bits, cfg.group_size, cfg.symmetric), patterns, dtype)
+        opts = cfg.method_options
+        if opts.get("act_order") and not opts.get("static_groups") and not writer_cls.supports_g_idx:
+            # The format has no g_idx (compressed-tensors dropped actorder "group"): order the columns during
+            # quantization only, with group parameters fixed in natural order (actorder "weight").
+            opts = cfg.method_options = {**opts, "static_groups": True}
+            reporter.log(f"--act-order: {cfg.format} stores no g_idx, so groups are static (actorder 'weight')")
+        g_idx = bool(opts.get("act_order")) and not opts.get("static_groups")
+        plan = writer.plan(
+            source, GridRequest(cfg.bits, cfg.group_size, cfg.symmetric, act_order=g_idx), patterns, dtype
+        )
         importance = load_importance(cfg.method_options.get("importance", "none"), source, plan)
         method = METHODS[cfg.method](
             MethodOptions(clip=cfg.clip, extra={**cfg.method_options, "importance": importance})
@@ -162,7 +171,8 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             calib, _tok = calibration_for(source, cfg, reporter)
             hidden = runner.embed(calib.tokens).to("cpu" if device.type == "cpu" else device)
         provenance = {"qconv": __version__, "method": cfg.method, "calibration": calib.describe() if calib else None,
-                      "importance": importance if isinstance(importance, str) else "imatrix file"}  # fmt: skip
+                      "importance": importance if isinstance(importance, str) else "imatrix file",
+                      "act_order": bool(cfg.method_options.get("act_order"))}  # fmt: skip
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
         writer.begin(plan, ctx)
         tensor_stats: dict[str, dict] = {}
@@ -200,6 +210,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     grids={lin: plan.grids[f"{prefix}{lin}.weight"] for lin in linears},
                     collect=collect if hidden is not None else None,
                     prefix=prefix,
+                    groups=[g.linears for g in a.groups],
                 )
                 qts = method.quantize_layer(lctx)
                 for lin in linears:

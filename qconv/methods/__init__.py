@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from qconv.methods.base import LayerContext, Method, MethodOptions
+from qconv.methods.gptq import GPTQ
 from qconv.methods.rtn import RTN
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN,)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ)}
 
 __all__ = ["METHODS", "LayerContext", "Method", "MethodOptions"]

@@ -41,6 +41,15 @@ class LayerContext:
     grids: dict[str, Grid]
     collect: Callable[[dict[str, Iterable[str]]], dict[str, LinearStats]] | None
     prefix: str = ""  # full-name prefix of this layer's modules, e.g. "model.layers.3."
+    # Linears reading the same input, in execution order (q/k/v, o, gate/up, down): the true-sequential steps.
+    groups: list[tuple[str, ...]] = field(default_factory=list)
+
+    def sequential_groups(self) -> list[tuple[str, ...]]:
+        """``groups`` restricted to ``linears`` (every linear in one group of its own when none are known)."""
+        if not self.groups:
+            return [(n,) for n in self.linears]
+        wanted = set(self.linears)
+        return [g for g in (tuple(n for n in grp if n in wanted) for grp in self.groups) if g]
 
     def weight(self, name: str) -> torch.Tensor:
         return self.layer.get_submodule(name).weight.data

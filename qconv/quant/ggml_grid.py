@@ -1013,10 +1013,22 @@ def nearest_codes(w_cols: torch.Tensor, fields: BlockFields, col_start: int = 0)
         fields = hstack(parts, rows)                           # the [rows, n] tensor's fields
     """
     g = element_grid(fields, w_cols.shape[0], col_start, col_start + w_cols.shape[1])
+    return grid_codes(w_cols, g, slice(None))
+
+
+def grid_codes(w_cols: torch.Tensor, g: ElementGrid, cols: slice) -> torch.Tensor:
+    """Nearest codes of float [rows, k] for the columns ``cols`` of an element grid (see ``nearest_codes``): lets a
+    GPTQ loop take a block's grid once and quantize its columns one at a time without re-deriving it."""
     x = w_cols.detach().to(device=g.scale.device, dtype=torch.float32)
     if g.offset is not None:
-        x = x - g.offset
-    return _codes_of(x * _safe_inv(g.scale), g.levels).to(g.q_dtype)
+        x = x - g.offset[:, cols]
+    return _codes_of(x * _safe_inv(g.scale[:, cols]), g.levels).to(g.q_dtype)
+
+
+def grid_values(codes: torch.Tensor, g: ElementGrid, cols: slice) -> torch.Tensor:
+    """Dequantized float32 [rows, k] of codes at the columns ``cols`` of an element grid (see ``column_values``)."""
+    v = g.scale[:, cols] * _code_values(codes.to(g.scale.device), g.levels)
+    return v if g.offset is None else v + g.offset[:, cols]
 
 
 def column_values(codes: torch.Tensor, fields: BlockFields, col_start: int = 0) -> torch.Tensor:
@@ -1025,8 +1037,7 @@ def column_values(codes: torch.Tensor, fields: BlockFields, col_start: int = 0) 
     Bit-exact with ``dequantize``: the same float32 operations in the same order ((scale · level) + offset).
     """
     g = element_grid(fields, codes.shape[0], col_start, col_start + codes.shape[1])
-    v = g.scale * _code_values(codes.to(g.scale.device), g.levels)
-    return v if g.offset is None else v + g.offset
+    return grid_values(codes, g, slice(None))
 
 
 def replace_codes(fields: BlockFields, codes: torch.Tensor) -> BlockFields:

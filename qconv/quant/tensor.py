@@ -23,6 +23,7 @@ class IntGrid:
     symmetric: bool
     scale_dtype: torch.dtype = torch.float32
     partial_groups: bool = True
+    act_order: bool = False  # groups follow a processing order: the tensor carries a g_idx [in]
 
     @property
     def name(self) -> str:

@@ -1,0 +1,221 @@
+"""GPTQ (Frantar et al., 2022) as pure functions: quantize one weight column by column, feeding each column's
+rounding error forward onto the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Works onto both grid families: integer groups (GPTQ/AWQ/compressed-tensors layouts, with act-order and static
+groups) and llama.cpp's GGML block types (the block's scales and mins are fitted on the error-updated weights when
+the loop reaches it, then its columns take their nearest codes one at a time).
+
+Shapes: w float [out, in]; h float32 [in, in] = E[x xᵀ] over calibration tokens (any positive multiple works).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qconv.quant import ggml_grid
+from qconv.quant.int_grid import _quantize_rows, with_error_stats
+from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, IntGrid, QuantizedTensor
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """damp: fraction of the mean Hessian diagonal added to the diagonal (raised ×10 while Cholesky fails, up to
+    ``max_damp``). block: columns per lazy batch update. act_order: process columns by descending Hessian diagonal.
+    static_groups: with act_order, group parameters from the original weights in natural order (contiguous groups,
+    no g_idx); without it, act-order groups follow the processing order and a g_idx is stored. clip: "minmax" or
+    "mse" (per group, weighted by the Hessian diagonal)."""
+
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    clip: str = "minmax"
+    max_damp: float = 10.0
+
+
+@dataclass
+class GPTQInfo:
+    """What the run did, for the manifest: the dampening finally used, dead columns, the Hessian-weighted error."""
+
+    damp: float
+    dead_columns: int
+    weighted_error: float
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = Uᵀ U), λ = damp · mean(diag H).
+
+    Computed in float64: float32 Cholesky of large, nearly singular Hessians fails or loses the small pivots GPTQ
+    divides by. Returns (U float32 [in, in], the damp used). Raises ValueError if even ``max_damp`` fails.
+    """
+    h64 = h.double()
+    mean_diag = float(h64.diagonal().mean()) if h64.numel() else 1.0
+    mean_diag = mean_diag if mean_diag > 0 else 1.0
+    d = damp
+    eye = torch.eye(h64.shape[0], dtype=torch.float64, device=h.device)
+    while True:
+        low, info = torch.linalg.cholesky_ex(h64 + (d * mean_diag) * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(low)
+            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(u).all()):
+                return u.float(), d
+        if d >= max_damp:
+            raise ValueError(f"Hessian not positive definite even with damp {d:g}")
+        d = min(d * 10, max_damp)
+
+
+def _prepare(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 copies, with dead input columns (zero Hessian diagonal: never active in calibration) given a unit
+    diagonal so the factorisation exists; their weights stay as they are (their error cannot be measured)."""
+    W = w.detach().float().clone()
+    H = h.detach().float().clone()
+    dead = H.diagonal() <= 0
+    if bool(dead.any()):
+        H[dead, dead] = 1.0
+    return W, H, dead
+
+
+def gptq_int(w: torch.Tensor, h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig) -> tuple[QuantizedTensor, GPTQInfo]:
+    """GPTQ onto an integer group grid. Returns the QuantizedTensor (codes in natural column order; g_idx set for
+    act-order without static groups) and run info."""
+    out_f, in_f = w.shape
+    lazy_order = cfg.act_order and not cfg.static_groups and grid.group_size != -1
+    if lazy_order and not grid.act_order:
+        raise ValueError("act-order groups need a layout with g_idx (or use static groups)")
+    W, H, dead = _prepare(w, h)
+    gs = grid.effective_group(in_f)
+    n_groups = grid.n_groups(in_f)
+    diag = H.diagonal().clone()
+
+    def params(cols: torch.Tensor, imp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g0 = torch.zeros(cols.shape[1], dtype=torch.long, device=cols.device)
+        _, s, z = _quantize_rows(cols, grid, g0, 1, cfg.clip, imp, 24, 0.3)
+        return s[:, 0], z[:, 0]
+
+    static_s = static_z = None
+    if grid.group_size == -1 or (cfg.act_order and cfg.static_groups):
+        static_s = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
+        static_z = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
+        for g in range(n_groups):
+            s, z = params(W[:, g * gs : (g + 1) * gs], diag[g * gs : (g + 1) * gs])
+            static_s[:, g], static_z[:, g] = s, z
+
+    perm = torch.argsort(diag, descending=True, stable=True) if cfg.act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U, used = inverse_hessian_factor(H, cfg.damp, cfg.max_damp)
+    order = perm if perm is not None else torch.arange(in_f, device=W.device)
+
+    Q = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)  # permuted positions
+    scales = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
+    zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
+    g_of_pos = torch.empty(in_f, dtype=torch.long, device=W.device)
+    cur_s = cur_z = None
+    werr = 0.0
+    for i1 in range(0, in_f, cfg.block):
+        i2 = min(i1 + cfg.block, in_f)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            pos = i1 + i
+            col = int(order[pos])
+            if static_s is not None:
+                g = col // gs
+                cur_s, cur_z = static_s[:, g], static_z[:, g]
+            elif pos % gs == 0:
+                # Lazy group parameters from the error-updated weights of the next gs columns (processing order).
+                g = pos // gs
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                cur_s, cur_z = params(ahead, diag[order[pos : pos + gs]])
+                scales[:, g], zeros[:, g] = cur_s, cur_z
+            g_of_pos[pos] = col // gs if static_s is not None else pos // gs
+            x = W1[:, i]
+            s = cur_s.float()
+            q = torch.clamp(torch.round(x / s) + cur_z, 0, grid.qmax)
+            dq = (q - cur_z) * s
+            Q[:, pos] = q.to(torch.uint8)
+            d = U1[i, i]
+            err = (x - dq) / d
+            werr += float(err.square().sum())
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    if static_s is not None:
+        scales, zeros = static_s, static_z
+    codes = torch.empty_like(Q)
+    codes[:, order] = Q
+    gidx = torch.empty(in_f, dtype=torch.long, device=W.device)
+    gidx[order] = g_of_pos
+    qt = QuantizedTensor(
+        grid=grid, codes=codes, scales=scales, zeros=zeros, g_idx=gidx.to(torch.int32) if grid.act_order else None
+    )
+    imp = h.detach().float().diagonal().clamp_min(0)
+    qt = with_error_stats(qt, w, imp)
+    qt.stats["gptq_damp"] = used
+    return qt, GPTQInfo(used, int(dead.sum()), werr)
+
+
+def gptq_ggml(
+    w: torch.Tensor, h: torch.Tensor, grid: GGMLGrid, cfg: GPTQConfig
+) -> tuple[BlockQuantizedTensor, GPTQInfo]:
+    """GPTQ into a GGML block type: natural column order (the layout's blocks are contiguous), each column block's
+    fields fitted (llama.cpp-quality search, weighted by the Hessian diagonal) on the error-updated weights when the
+    loop reaches it, then its columns quantized one at a time to their nearest codes with the error fed forward."""
+    if cfg.act_order:
+        raise ValueError("act-order does not apply to GGUF block types (their blocks are contiguous columns)")
+    out_f, in_f = w.shape
+    W, H, dead = _prepare(w, h)
+    diag = H.diagonal().clone()
+    U, used = inverse_hessian_factor(H, cfg.damp, cfg.max_damp)
+    t = ggml_grid.GGMLType(grid.ggml_type)
+    bs = ggml_grid.BLOCK_SIZE[t]
+    # One fitted span per lazy batch: a multiple of the block size near cfg.block columns.
+    span = max(bs, (cfg.block // bs) * bs)
+    parts = []
+    werr = 0.0
+    for i1 in range(0, in_f, span):
+        i2 = min(i1 + span, in_f)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        fields = eg = codes = None
+        for i in range(i2 - i1):
+            if i % bs == 0:
+                # Fit the next block's fields on its current (error-updated) columns.
+                b0 = i
+                f = ggml_grid.fit(W1[:, b0 : b0 + bs], t, diag[i1 + b0 : i1 + b0 + bs])
+                fields = f
+                eg = ggml_grid.element_grid(f, out_f)
+                codes = torch.empty(out_f, bs, dtype=f.q.dtype, device=W.device)
+            j = i - b0
+            q = ggml_grid.grid_codes(W1[:, i : i + 1], eg, slice(j, j + 1))
+            codes[:, j : j + 1] = q
+            dq = ggml_grid.grid_values(q, eg, slice(j, j + 1))[:, 0]
+            d = U1[i, i]
+            err = (W1[:, i] - dq) / d
+            werr += float(err.square().sum())
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+            if j == bs - 1:
+                parts.append(ggml_grid.replace_codes(fields, codes))
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    # Blocks of one row are consecutive in the GGML layout: stack the per-span column fields back into rows.
+    fields = ggml_grid.hstack(parts, out_f)
+    qt = BlockQuantizedTensor(grid, fields, tuple(w.shape))
+    deq = qt.dequantize()
+    diff = deq - w.float()
+    imp = h.detach().float().diagonal().clamp_min(0)
+    qt.stats.update(
+        {
+            "rel_mse": float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30)),
+            "max_abs_err": float(diff.abs().max()) if diff.numel() else 0.0,
+            "rel_mse_weighted": float((diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)),
+            "gptq_damp": used,
+        }
+    )
+    return qt, GPTQInfo(used, int(dead.sum()), werr)
