@@ -61,7 +61,7 @@ def main() -> None:
 @main.command(epilog=EPILOG_QUANTIZE)
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
-@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn or gptq.")
+@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn, gptq, awq, awq+gptq.")
 @click.option(
     "--format",
     "fmt",
@@ -193,12 +193,13 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
         from qconv.progress import Reporter
 
         reporter = Reporter(quiet=quiet)
-        if method != "gptq" and (act_order or static_groups or damp != 0.01):
-            raise InputError("--damp, --act-order and --static-groups apply to --method gptq")
+        uses_gptq = method in ("gptq", "awq+gptq")
+        if not uses_gptq and (act_order or static_groups or damp != 0.01):
+            raise InputError("--damp, --act-order and --static-groups apply to --method gptq (or awq+gptq)")
         if static_groups and not act_order:
             raise InputError("--static-groups applies together with --act-order")
-        if method == "gptq" and no_calib:
-            raise InputError("--method gptq needs calibration data: drop --no-calib")
+        if method in ("gptq", "awq", "awq+gptq") and no_calib:
+            raise InputError(f"--method {method} needs calibration data: drop --no-calib")
         if damp <= 0:
             raise InputError(f"--damp {damp}: must be positive")
         cfg = QuantizeConfig(
@@ -206,7 +207,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             ignore=tuple(ignore), calib=calib, calib_field=calib_field, calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
             method_options={"no_calib": no_calib, "importance": imatrix or "none", **(
-                {"damp": damp, "act_order": act_order, "static_groups": static_groups} if method == "gptq" else {})},
+                {"damp": damp, "act_order": act_order, "static_groups": static_groups} if uses_gptq else {})},
         )  # fmt: skip
         if fmt == "gguf":
             cfg.format_options = {

@@ -180,15 +180,17 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         weight_dtype = source.weights_dtype()
         a = source.adapter
 
-        def write_other(name: str) -> None:
-            """A tensor the method does not touch: dense, or plain RTN onto the grid the format gave it."""
+        def write_other(name: str, value: torch.Tensor | None = None) -> None:
+            """A tensor the method does not quantize: dense, or plain RTN onto the grid the format gave it.
+            ``value``: the method's changed version of it (AWQ-scaled norms), else the checkpoint's."""
+            w = source.read(name) if value is None else value.detach().cpu()
             if name in plan.grids:
                 imp = importance.get(name.removesuffix(".weight")) if isinstance(importance, dict) else None
-                qt = rtn(source.read(name), plan.grids[name], importance=imp)
+                qt = rtn(w, plan.grids[name], importance=imp)
                 writer.write_quantized(name, qt)
                 tensor_stats[name] = stats_row(qt)
             elif name in dense:
-                writer.write_dense(name, source.read(name).to(dtype))
+                writer.write_dense(name, w.to(dtype))
 
         write_other(a.embed)
         with reporter.task("quantizing layers", source.num_layers) as advance:
@@ -211,6 +213,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     collect=collect if hidden is not None else None,
                     prefix=prefix,
                     groups=[g.linears for g in a.groups],
+                    feeds_from=[g.feeds_from for g in a.groups],
                 )
                 qts = method.quantize_layer(lctx)
                 for lin in linears:
@@ -222,7 +225,8 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     trim()
                 for name in source.layer_tensor_names(i):
                     if name not in plan.method:
-                        write_other(name)
+                        override = lctx.overrides.get(name.removeprefix(prefix))
+                        write_other(name, override)
                 if hidden is not None and i + 1 < source.num_layers:
                     runner.run(layer, i, hidden, run.batch_size, into=hidden)
                 del layer, lctx, qts

@@ -1,8 +1,9 @@
 """Per-linear input statistics, accumulated by forward hooks while calibration data flows through a layer.
 
 Nothing stores activations: each batch updates running sums (mean |x|, mean x², and XᵀX when asked) and is
-dropped. Sums are float32 on the compute device; XᵀX uses float32 too (GPTQ's Hessian tolerates it, and a float64
-[in, in] matrix for a 28672-wide down_proj would be 6.6 GB).
+dropped — except a bounded sample of input rows (``sample``: every SAMPLE_STRIDE-th token, at most SAMPLE_ROWS
+rows) for methods that search on real outputs (AWQ). Sums are float32 on the compute device; XᵀX uses float32
+too (GPTQ's Hessian tolerates it, and a float64 [in, in] matrix for a 28672-wide down_proj would be 6.6 GB).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-KINDS = ("abs_mean", "sq_mean", "xtx")
+KINDS = ("abs_mean", "sq_mean", "xtx", "sample")
+SAMPLE_ROWS = 4096
+SAMPLE_STRIDE = 8
 
 
 @dataclass
@@ -43,6 +46,18 @@ class LinearStats:
         if "xtx" in self.kinds:
             s = x.T @ x
             self.xtx = s if self.xtx is None else self.xtx.add_(s)
+        if "sample" in self.kinds:
+            rows = self.extra.setdefault("sample", [])
+            have = sum(r.shape[0] for r in rows)
+            if have < SAMPLE_ROWS:
+                rows.append(x[::SAMPLE_STRIDE][: SAMPLE_ROWS - have].clone())
+
+    @property
+    def sample(self) -> torch.Tensor:
+        """float32 [≤ SAMPLE_ROWS, in]: input rows spread over the calibration tokens."""
+        rows = self.extra.get("sample")
+        assert rows, "sample was not collected"
+        return torch.cat(rows)
 
     @property
     def abs_mean(self) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from qconv.methods.awq import AWQ, AWQGPTQ
 from qconv.methods.base import LayerContext, Method, MethodOptions
 from qconv.methods.gptq import GPTQ
 from qconv.methods.rtn import RTN
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, AWQ, AWQGPTQ)}
 
 __all__ = ["METHODS", "LayerContext", "Method", "MethodOptions"]

@@ -43,6 +43,10 @@ class LayerContext:
     prefix: str = ""  # full-name prefix of this layer's modules, e.g. "model.layers.3."
     # Linears reading the same input, in execution order (q/k/v, o, gate/up, down): the true-sequential steps.
     groups: list[tuple[str, ...]] = field(default_factory=list)
+    feeds_from: list[str] = field(default_factory=list)  # per group: the op producing its input (norm or linear)
+    # Tensors of this layer a method changed besides its linears (e.g. AWQ-scaled norms), by name relative to the
+    # layer ("input_layernorm.weight"): the pipeline writes these instead of the checkpoint's.
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def sequential_groups(self) -> list[tuple[str, ...]]:
         """``groups`` restricted to ``linears`` (every linear in one group of its own when none are known)."""

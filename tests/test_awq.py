@@ -1,0 +1,112 @@
+"""AWQ: the searched scales never lose to RTN on the sample and win where a few input channels dominate; folding
+them into the previous op leaves the float layer's function unchanged; artifacts load in their real loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qconv.methods.awq import AWQ
+from qconv.methods.base import LayerContext, MethodOptions
+from qconv.methods.rtn import rtn
+from qconv.model.arch import adapter_for
+from qconv.model.runner import LayerRunner
+from qconv.model.source import open_source
+from qconv.quant.awq import ALPHAS, scales_for, search_scales
+from qconv.quant.tensor import IntGrid
+from qconv.stats import StatsCollector
+
+from conftest import tiny_model
+
+
+def test_search_scales_wins_on_salient_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=g)
+    x[:, :8] *= 25.0  # a few outlier channels, as in real LLM activations
+    w = torch.randn(128, 256, generator=g) * 0.05
+    grid = IntGrid(4, 64, False)
+
+    def q(wt, _k):
+        return rtn(wt, grid).dequantize(torch.float32)
+
+    s, alpha, losses = search_scales(x, x.abs().mean(0), [w], q)
+    assert losses[0] == pytest.approx(float((x @ (q(w, 0) - w).T).square().mean()), rel=1e-5)  # α = 0 is RTN
+    assert alpha > 0 and min(losses) < 0.8 * losses[0]
+    assert torch.equal(s, scales_for(x.abs().mean(0), alpha)) and len(losses) == len(ALPHAS)
+    assert float(s[:8].mean()) > float(s[8:].mean())  # the salient channels are scaled up
+
+
+def _model(tmp_path, tokenizer_files, kv_heads):
+    import transformers
+
+    from qconv.formats.hf_folder import copy_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=32,
+                                   tie_word_embeddings=False)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    out = tmp_path / f"kv{kv_heads}"
+    model.save_pretrained(out)
+    copy_tokenizer(tokenizer_files, out)
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 4: v → o foldable; 2 (GQA): o keeps its input
+def test_folding_keeps_the_float_layer_function(tmp_path, tokenizer_files, kv_heads):
+    src = open_source(str(_model(tmp_path, tokenizer_files, kv_heads)))
+    r = LayerRunner(src)
+    layer = r.load_layer(0)
+    h = r.embed(torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(1)))
+    before = r.run(layer, 0, h.clone(), 4)
+    a = adapter_for(src.config, "test")
+
+    def collect(wanted):
+        with StatsCollector(layer, wanted) as stats:
+            r.run(layer, 0, h.clone(), 4)
+        return stats
+
+    norm0 = layer.input_layernorm.weight.detach().clone()
+    o0 = layer.self_attn.o_proj.weight.detach().clone()
+    ctx = LayerContext(0, layer, list(a.linears), {n: IntGrid(4, 32, True) for n in a.linears}, collect,
+                       "model.layers.0.", [g.linears for g in a.groups], [g.feeds_from for g in a.groups])  # fmt: skip
+    AWQ(MethodOptions()).apply_scales(ctx)
+    after = r.run(layer, 0, h.clone(), 4)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(layer.input_layernorm.weight, norm0)  # scales were applied…
+    assert "input_layernorm.weight" in ctx.overrides  # …and reach the writer
+    assert torch.equal(layer.self_attn.o_proj.weight, o0) == (kv_heads == 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_compressed_tensors_loads_in_transformers(cli, tokenizer_files, tmp_path, method):
+    from test_ct_e2e import IDS, qconv_logits, transformers_logits
+
+    model = tiny_model(tmp_path, "llama", tokenizer_files)
+    out = tmp_path / "awq"
+    r = cli("quantize", model, "--out", out, "-q", "--json", "--method", method, "--bits", "4", "--group-size", "32",
+            "--sym", "--dtype", "float32", "--calib-samples", "8", "--calib-seqlen", "64")  # fmt: skip
+    assert r.code == 0, r.stderr
+    ref = transformers_logits(out, IDS, "compressed")
+    torch.testing.assert_close(qconv_logits(out, IDS), ref, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "qconv.json").read_text())["config"]["method"] == method
+
+
+@pytest.mark.slow
+def test_awq_gguf_runs_in_llama_cpp(cli, tokenizer_files, tmp_path):
+    from test_gguf_e2e import qconv_logits
+
+    from llamacpp import logits
+
+    model = tiny_model(tmp_path, "llama", tokenizer_files)
+    out = tmp_path / "awq.gguf"
+    r = cli("quantize", model, "--out", out, "-q", "--method", "awq", "--format", "gguf", "--gguf-type", "Q4_K_M",
+            "--calib-samples", "8", "--calib-seqlen", "64")  # fmt: skip
+    assert r.code == 0, r.stderr
+    ids = [1, 504, 3458, 282, 4649, 314, 1345, 30, 378, 1117]
+    ours, theirs = qconv_logits(out, ids), logits(out, ids)
+    kl = (ours.log_softmax(-1).exp() * (ours.log_softmax(-1) - theirs.log_softmax(-1))).sum(-1)
+    assert float(kl.mean()) < 0.05
