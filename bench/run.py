@@ -293,7 +293,94 @@ def suite_gguf_speed(out: Path, chunks: int) -> str:
     )
 
 
-SUITES = {"spine": suite_spine, "gguf": suite_gguf, "gguf-speed": suite_gguf_speed}
+# Extra `qconv quantize` arguments for the methods suite, e.g. "--device cuda" on a lent GPU.
+QUANT_ARGS = shlex.split(os.environ.get("QCONV_BENCH_QUANT_ARGS", ""))
+METHOD_ROWS = [
+    ("RTN", ["--method", "rtn"]),
+    ("RTN + MSE clip", ["--method", "rtn", "--clip", "mse"]),
+    ("GPTQ", ["--method", "gptq"]),
+    ("GPTQ act-order", ["--method", "gptq", "--act-order"]),
+    ("AWQ", ["--method", "awq"]),
+    ("AWQ + GPTQ", ["--method", "awq+gptq"]),
+]
+
+
+def suite_methods(out: Path, chunks: int) -> str:
+    """Issue #4 (qconv's side): RTN, GPTQ, AWQ, AWQ+GPTQ at w4g64 and w3g64 on the dithered SmolLM2, and GPTQ/AWQ
+    into GGUF Q4_K_M against llama.cpp's imatrix Q4_K_M; calibration 128×512 tokens of WikiText-2 validation."""
+    sys.path.insert(0, str(REPO))
+    from qconv.testing import materialize_smollm2
+
+    base = out / "smollm2-dithered"
+    if not (base / "model.safetensors").exists():
+        materialize_smollm2(base, dithered=True, seed=0)
+    d = out / "methods"
+    d.mkdir(exist_ok=True)
+    text = WIKITEXT / "wiki.test.raw"
+    calib = ["--calib", str(WIKITEXT / "wiki.valid.raw"), "--calib-samples", "128", "--calib-seqlen", "512"]
+
+    def quant_eval(tag: str, args: list[str], path: Path) -> tuple[dict, dict, dict]:
+        q = run_isolated([*QCONV, "quantize", str(base), "--out", str(path), "--force", "-q", "--json", *calib,
+                          *args, *QUANT_ARGS])  # fmt: skip
+        e = _json(run_isolated([*QCONV, "eval", str(path), "--base", str(base), "--text", str(text), "--chunks",
+                                str(chunks), "--json", "-q", *EVAL_ARGS]))  # fmt: skip
+        print(f"{tag}: ppl {e['ppl']:.3f} KLD {e['kld_mean']:.5f} ({q['wall_s']:.0f} s)", flush=True)
+        return q, _json(q), e
+
+    rows = []
+    for bits in (4, 3):
+        for name, margs in METHOD_ROWS:
+            tag = f"w{bits}g64-{name.lower().replace(' ', '').replace('+', '-')}"
+            q, s, e = quant_eval(tag, [*margs, "--bits", str(bits), "--group-size", "64", "--asym"], d / tag)
+            rows.append(f"| {name} | w{bits}g64 asym | {s['bits_per_weight']} | {s['artifact_bytes'] / 2**20:.1f} | "
+                        f"{q['wall_s']:.0f} | {e['ppl']:.3f} | {e['kld_mean']:.5f} | "
+                        f"{e['top1_agreement'] * 100:.1f} % |")  # fmt: skip
+    # GGUF Q4_K_M: llama.cpp with an imatrix vs qconv's RTN (imatrix auto), GPTQ and AWQ into the same mix
+    g_rows = []
+    f16 = d / "F16.gguf"
+    run_isolated([*QCONV, "quantize", str(base), "--format", "gguf", "--gguf-type", "F16", "--out", str(f16),
+                  "--force", "-q"])  # fmt: skip
+    imat = d / "imatrix.gguf"
+    run_isolated([*QCONV, "imatrix", str(f16), *calib, "--out", str(imat), "--force", "-q", *IMATRIX_ARGS])
+    ll = d / "llama-Q4_K_M-imat.gguf"
+    lq = run_isolated([str(LLAMA_BIN / "llama-quantize"), "--imatrix", str(imat), str(f16), str(ll), "Q4_K_M"])
+    le = _json(run_isolated([*QCONV, "eval", str(ll), "--base", str(base), "--text", str(text), "--chunks",
+                             str(chunks), "--json", "-q", *EVAL_ARGS]))  # fmt: skip
+    g_rows.append(f"| llama.cpp, imatrix | {ll.stat().st_size / 2**20:.2f} | {lq['wall_s']:.0f} | {le['ppl']:.3f} | "
+                  f"{le['kld_mean']:.5f} | 1.000 |")  # fmt: skip
+    for name, margs in (("qconv RTN, imatrix auto", ["--method", "rtn", "--imatrix", "auto"]),
+                        ("qconv GPTQ", ["--method", "gptq"]), ("qconv AWQ", ["--method", "awq"]),
+                        ("qconv AWQ + GPTQ", ["--method", "awq+gptq"])):  # fmt: skip
+        path = d / f"{name.split()[1].lower().replace('+', '')}-Q4_K_M.gguf"
+        q, s, e = quant_eval(name, [*margs, "--format", "gguf", "--gguf-type", "Q4_K_M"], path)
+        g_rows.append(f"| {name} | {path.stat().st_size / 2**20:.2f} | {q['wall_s']:.0f} | {e['ppl']:.3f} | "
+                      f"{e['kld_mean']:.5f} | {e['kld_mean'] / le['kld_mean']:.3f} |")  # fmt: skip
+    return "\n".join(
+        [
+            "## Methods (#4, qconv's side): RTN, GPTQ, AWQ on the dithered SmolLM2-135M",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `make bench` (bench/run.py, suite "
+            "methods).",
+            "Model: SmolLM2-135M-Instruct, dithered (±half a Q4_1 step of uniform noise per block, seed 0). "
+            "Calibration: 128 × 512 tokens of WikiText-2 validation. Eval: `qconv eval`, WikiText-2 test, "
+            f"{chunks} chunks × 512, KLD against the bf16 dithered model. Group 64 (128 does not divide 576). "
+            "The llm-compressor anchor of the issue is not in this table yet.",
+            "",
+            "| method | grid | bits/weight | MiB | quantize s | ppl | mean KLD | top-1 |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            "GGUF Q4_K_M (the same llama.cpp mix and file size for all rows; target GPTQ/AWQ KLD ≤ 0.8× llama.cpp's "
+            "imatrix file):",
+            "",
+            "| file | MiB | quantize s | ppl | mean KLD | KLD ÷ llama.cpp |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *g_rows,
+        ]
+    )
+
+
+SUITES = {"spine": suite_spine, "gguf": suite_gguf, "gguf-speed": suite_gguf_speed, "methods": suite_methods}
 
 
 def main() -> None:
