@@ -75,12 +75,9 @@ def write_section(name: str, body: str) -> None:
 
 def suite_spine(out: Path, chunks: int) -> str:
     """Issue #2: RTN w4g64 on dithered SmolLM2 (wall, RSS, MiB, ppl, KLD); synthetic 2 GB checkpoint (wall, RSS)."""
-    sys.path.insert(0, str(REPO))
-    from qconv.testing import make_synthetic_llama, materialize_smollm2
+    base = _dithered_smollm2(out)
+    from qconv.testing import make_synthetic_llama
 
-    base = out / "smollm2-dithered"
-    if not (base / "model.safetensors").exists():
-        materialize_smollm2(base, dithered=True, seed=0)
     art = out / "smollm2-rtn-w4g64"
     q = run_isolated([*QCONV, "quantize", str(base), "--method", "rtn", "--bits", "4", "--group-size", "64",
                       "--asym", "--out", str(art), "--force", "--quiet", "--json"])  # fmt: skip
@@ -150,18 +147,30 @@ def _llama_ppl(model: Path, text: Path, chunks: int) -> float:
     return float(m.group(1))
 
 
-def suite_gguf(out: Path, chunks: int) -> str:
-    """Issue #3: qconv vs llama-quantize on the dithered SmolLM2 F16 GGUF, with and without the same imatrix."""
+def _dithered_smollm2(out: Path) -> Path:
+    """The dithered SmolLM2 HF folder every quality suite measures (written once under ``out``)."""
     sys.path.insert(0, str(REPO))
     from qconv.testing import materialize_smollm2
 
+    base = out / "smollm2-dithered"
+    if not (base / "model.safetensors").exists():
+        materialize_smollm2(base, dithered=True, seed=0)
+    return base
+
+
+def _gguf_setup(out: Path) -> tuple[Path, Path]:
+    """llama.cpp's tools (built once), the dithered SmolLM2 and the gguf work folder → (base folder, work folder)."""
     if not (LLAMA_BIN / "llama-quantize").exists():
         subprocess.run(["bash", str(REPO / "bench" / "build_llama_cpp.sh")], check=True)
-    base_hf = out / "smollm2-dithered"
-    if not (base_hf / "model.safetensors").exists():
-        materialize_smollm2(base_hf, dithered=True, seed=0)
+    base = _dithered_smollm2(out)
     d = out / "gguf"
     d.mkdir(exist_ok=True)
+    return base, d
+
+
+def suite_gguf(out: Path, chunks: int) -> str:
+    """Issue #3: qconv vs llama-quantize on the dithered SmolLM2 F16 GGUF, with and without the same imatrix."""
+    base_hf, d = _gguf_setup(out)
     f16 = d / "smollm2-dithered-F16.gguf"
     run_isolated([*QCONV, "quantize", str(base_hf), "--format", "gguf", "--gguf-type", "F16", "--out", str(f16),
                   "--force", "-q"])  # fmt: skip
@@ -250,16 +259,9 @@ def suite_gguf(out: Path, chunks: int) -> str:
 
 def suite_gguf_speed(out: Path, chunks: int) -> str:
     """Issue #3: wall time and peak RSS of qconv vs llama-quantize on a synthetic ~1B llama (real K-quants)."""
-    sys.path.insert(0, str(REPO))
-    from qconv.testing import make_synthetic_llama, materialize_smollm2
+    base_hf, d = _gguf_setup(out)
+    from qconv.testing import make_synthetic_llama
 
-    if not (LLAMA_BIN / "llama-quantize").exists():
-        subprocess.run(["bash", str(REPO / "bench" / "build_llama_cpp.sh")], check=True)
-    base_hf = out / "smollm2-dithered"
-    if not (base_hf / "model.safetensors").exists():
-        materialize_smollm2(base_hf, dithered=True, seed=0)
-    d = out / "gguf"
-    d.mkdir(exist_ok=True)
     # Wall time on a synthetic ~1B-parameter model (hidden 2048: real K-quants, no fallbacks)
     syn = out / "synthetic-1b"
     if not (syn / "config.json").exists():
@@ -308,12 +310,7 @@ METHOD_ROWS = [
 def suite_methods(out: Path, chunks: int) -> str:
     """Issue #4 (qconv's side): RTN, GPTQ, AWQ, AWQ+GPTQ at w4g64 and w3g64 on the dithered SmolLM2, and GPTQ/AWQ
     into GGUF Q4_K_M against llama.cpp's imatrix Q4_K_M; calibration 128×512 tokens of WikiText-2 validation."""
-    sys.path.insert(0, str(REPO))
-    from qconv.testing import materialize_smollm2
-
-    base = out / "smollm2-dithered"
-    if not (base / "model.safetensors").exists():
-        materialize_smollm2(base, dithered=True, seed=0)
+    base = _dithered_smollm2(out)
     d = out / "methods"
     d.mkdir(exist_ok=True)
     text = WIKITEXT / "wiki.test.raw"

@@ -145,18 +145,21 @@ def test_gptq_compressed_tensors_loads_in_transformers(cli, tokenizer_files, tmp
     torch.testing.assert_close(qconv_logits(out, IDS), ref, rtol=1e-4, atol=1e-4)
     manifest = json.loads((out / "qconv.json").read_text())
     assert manifest["config"]["method"] == "gptq"
+    layer_stats = [t for n, t in manifest["tensors"].items() if ".layers." in n]
+    assert len(layer_stats) == 14 and all(t["gptq_damp"] == 0.01 for t in layer_stats)  # the damp used, recorded
 
 
 @pytest.mark.slow
-def test_gptq_gguf_runs_in_llama_cpp(cli, tokenizer_files, tmp_path):
-    """GPTQ into a llama.cpp mix: llama.cpp loads the file and its logits match qconv's dequantized model."""
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_methods_gguf_runs_in_llama_cpp(cli, tokenizer_files, tmp_path, method):
+    """GPTQ / AWQ into a llama.cpp mix: llama.cpp loads the file and its logits match qconv's dequantized model."""
     from test_gguf_e2e import qconv_logits
 
     from llamacpp import logits
 
     model = tiny_model(tmp_path, "llama", tokenizer_files)
     out = tmp_path / "gptq.gguf"
-    r = cli("quantize", model, "--out", out, "-q", "--method", "gptq", "--format", "gguf", "--gguf-type", "Q4_K_M",
+    r = cli("quantize", model, "--out", out, "-q", "--method", method, "--format", "gguf", "--gguf-type", "Q4_K_M",
             "--calib-samples", "8", "--calib-seqlen", "64")  # fmt: skip
     assert r.code == 0, r.stderr
     ids = [1, 504, 3458, 282, 4649, 314, 1345, 30, 378, 1117]
