@@ -38,25 +38,40 @@ def test_search_scales_wins_on_salient_channels():
     assert float(s[:8].mean()) > float(s[8:].mean())  # the salient channels are scaled up
 
 
-def _model(tmp_path, tokenizer_files, kv_heads):
+def _model(tmp_path, tokenizer_files, kv_heads, family="llama"):
     import transformers
 
     from qconv.formats.hf_folder import copy_tokenizer
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    cfg = configs[family](vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=32,
                                    tie_word_embeddings=False)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-    out = tmp_path / f"kv{kv_heads}"
+    with torch.no_grad():  # non-zero biases (qwen2's q/k/v), so folding them is exercised
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.1)
+    out = tmp_path / f"{family}-kv{kv_heads}"
     model.save_pretrained(out)
     copy_tokenizer(tokenizer_files, out)
     return out
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])  # 4: v → o foldable; 2 (GQA): o keeps its input
-def test_folding_keeps_the_float_layer_function(tmp_path, tokenizer_files, kv_heads):
-    src = open_source(str(_model(tmp_path, tokenizer_files, kv_heads)))
+@pytest.mark.parametrize(
+    "family,kv_heads",
+    [("llama", 4), ("llama", 2), ("qwen2", 4), ("qwen3", 4)],  # kv 4: v → o foldable; 2 (GQA): o keeps its input
+)
+def test_folding_keeps_the_float_layer_function(tmp_path, tokenizer_files, family, kv_heads, monkeypatch):
+    # Whatever α the search would pick, every foldable group gets scales far from 1: folding must stay exact.
+    gen = torch.Generator().manual_seed(2)
+
+    def fake_search(x, x_abs, ws, q):
+        return torch.rand(x_abs.shape, generator=gen) + 0.5, 0.5, []
+
+    monkeypatch.setattr("qconv.methods.awq.search_scales", fake_search)
+    src = open_source(str(_model(tmp_path, tokenizer_files, kv_heads, family)))
     r = LayerRunner(src)
     layer = r.load_layer(0)
     h = r.embed(torch.randint(0, 49152, (4, 32), generator=torch.Generator().manual_seed(1)))
@@ -77,7 +92,9 @@ def test_folding_keeps_the_float_layer_function(tmp_path, tokenizer_files, kv_he
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     assert not torch.equal(layer.input_layernorm.weight, norm0)  # scales were applied…
     assert "input_layernorm.weight" in ctx.overrides  # …and reach the writer
-    assert torch.equal(layer.self_attn.o_proj.weight, o0) == (kv_heads == 2)
+    assert torch.equal(layer.self_attn.o_proj.weight, o0) == (kv_heads == 2)  # GQA: v → o cannot fold
+    if family == "qwen2":  # v's bias scaled with its rows, and handed to the writer
+        assert "self_attn.v_proj.bias" in ctx.overrides
 
 
 @pytest.mark.slow
@@ -93,3 +110,16 @@ def test_awq_compressed_tensors_loads_in_transformers(cli, tokenizer_files, tmp_
     ref = transformers_logits(out, IDS, "compressed")
     torch.testing.assert_close(qconv_logits(out, IDS), ref, rtol=1e-4, atol=1e-4)
     assert json.loads((out / "qconv.json").read_text())["config"]["method"] == method
+    if method == "awq":
+        # At 8 bits the artifact must compute (nearly) the base model's function: true only if the scaled norms
+        # and previous-linear rows were written along with the scaled weights.
+        out8 = tmp_path / "awq8"
+        r = cli("quantize", model, "--out", out8, "-q", "--method", "awq", "--bits", "8", "--group-size", "32",
+                "--dtype", "float32", "--calib-samples", "8", "--calib-seqlen", "64")  # fmt: skip
+        assert r.code == 0, r.stderr
+        base, q8 = qconv_logits(model, IDS), qconv_logits(out8, IDS)
+        assert float((q8 - base).abs().max()) < 0.1 * float(base.std())  # unwritten norms: ~0.2 std here
+        st = __import__("safetensors.torch", fromlist=["load_file"])
+        norm = "model.layers.0.input_layernorm.weight"
+        assert not torch.equal(st.load_file(str(out8 / "model.safetensors"))[norm], st.load_file(
+            str(model / "model.safetensors"))[norm])  # fmt: skip
