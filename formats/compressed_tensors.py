@@ -149,8 +149,6 @@ class CompressedTensorsWriter(FormatWriter):
                 TensorSpec(f"{name}.weight_zero_point", (packed_words(out_f, grid.bits), n_groups), torch.int32)
             )
         specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
-        if grid.act_order:
-            specs.append(TensorSpec(f"{name}.weight_g_idx", (in_f,), torch.int32))
         return specs
 
     def begin(self, plan: Plan, ctx: WriteContext) -> None:

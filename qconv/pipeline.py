@@ -212,8 +212,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     grids={lin: plan.grids[f"{prefix}{lin}.weight"] for lin in linears},
                     collect=collect if hidden is not None else None,
                     prefix=prefix,
-                    groups=[g.linears for g in a.groups],
-                    feeds_from=[g.feeds_from for g in a.groups],
+                    groups=list(a.groups),
                 )
                 qts = method.quantize_layer(lctx)
                 for lin in linears:

@@ -86,7 +86,7 @@ def test_folding_keeps_the_float_layer_function(tmp_path, tokenizer_files, famil
     norm0 = layer.input_layernorm.weight.detach().clone()
     o0 = layer.self_attn.o_proj.weight.detach().clone()
     ctx = LayerContext(0, layer, list(a.linears), {n: IntGrid(4, 32, True) for n in a.linears}, collect,
-                       "model.layers.0.", [g.linears for g in a.groups], [g.feeds_from for g in a.groups])  # fmt: skip
+                       "model.layers.0.", list(a.groups))  # fmt: skip
     AWQ(MethodOptions()).apply_scales(ctx)
     after = r.run(layer, 0, h.clone(), 4)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -38,13 +38,12 @@ class AWQ(Method):
         """Search and fold every group's scales; returns mean x² of each linear's (scaled) input."""
         if ctx.collect is None:
             raise InputError(f"{self.name} needs calibration data (drop --no-calib)")
-        groups = [g for g in ctx.sequential_groups()]
-        stats = ctx.collect({g[0]: {"abs_mean", "sq_mean", "sample"} for g in groups})
-        feeds = dict(zip(map(tuple, ctx.groups), ctx.feeds_from)) if ctx.feeds_from else {}
+        groups = ctx.sequential_groups()
+        stats = ctx.collect({grp.linears[0]: {"abs_mean", "sq_mean", "sample"} for grp in groups})
         sq_mean: dict[str, torch.Tensor] = {}
-        for g in groups:
+        for grp in groups:
+            g, src_name = grp.linears, grp.feeds_from
             st = stats[g[0]]
-            src_name = next((f for grp, f in feeds.items() if set(g) <= set(grp)), None)
             src = ctx.layer.get_submodule(src_name) if src_name else None
             foldable = src is not None and _can_fold(src, ctx.layer.get_submodule(g[0]).in_features)
             s = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qconv.model.arch import LinearGroup
 from qconv.quant.tensor import Grid, Quantized
 from qconv.stats import LinearStats
 
@@ -41,19 +42,21 @@ class LayerContext:
     grids: dict[str, Grid]
     collect: Callable[[dict[str, Iterable[str]]], dict[str, LinearStats]] | None
     prefix: str = ""  # full-name prefix of this layer's modules, e.g. "model.layers.3."
-    # Linears reading the same input, in execution order (q/k/v, o, gate/up, down): the true-sequential steps.
-    groups: list[tuple[str, ...]] = field(default_factory=list)
-    feeds_from: list[str] = field(default_factory=list)  # per group: the op producing its input (norm or linear)
+    # Linears reading the same input, in execution order (q/k/v, o, gate/up, down), each with the op producing
+    # that input: the true-sequential steps, and where AWQ folds its scales.
+    groups: list[LinearGroup] = field(default_factory=list)
     # Tensors of this layer a method changed besides its linears (e.g. AWQ-scaled norms), by name relative to the
     # layer ("input_layernorm.weight"): the pipeline writes these instead of the checkpoint's.
     overrides: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def sequential_groups(self) -> list[tuple[str, ...]]:
-        """``groups`` restricted to ``linears`` (every linear in one group of its own when none are known)."""
+    def sequential_groups(self) -> list[LinearGroup]:
+        """``groups`` restricted to ``linears`` (each linear a group of its own, fed by nothing known, when none
+        are given)."""
         if not self.groups:
-            return [(n,) for n in self.linears]
+            return [LinearGroup((n,), "") for n in self.linears]
         wanted = set(self.linears)
-        return [g for g in (tuple(n for n in grp if n in wanted) for grp in self.groups) if g]
+        kept = (LinearGroup(tuple(n for n in g.linears if n in wanted), g.feeds_from) for g in self.groups)
+        return [g for g in kept if g.linears]
 
     def weight(self, name: str) -> torch.Tensor:
         return self.layer.get_submodule(name).weight.data

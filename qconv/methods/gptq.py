@@ -35,7 +35,7 @@ class GPTQ(Method):
             raise InputError("gptq needs calibration data (drop --no-calib)")
         cfg = self.config()
         out: dict[str, Quantized] = {}
-        for group in ctx.sequential_groups():
+        for group in (g.linears for g in ctx.sequential_groups()):
             # One Hessian per group: its linears read the same input.
             stats = ctx.collect({group[0]: {"xtx"}})
             h = stats[group[0]].hessian

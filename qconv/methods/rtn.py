@@ -7,7 +7,7 @@ import torch
 from qconv.methods.base import LayerContext, Method
 from qconv.quant import ggml_grid
 from qconv.quant.int_grid import quantize_weight
-from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, Grid, IntGrid, Quantized
+from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, Grid, IntGrid, Quantized, with_block_error_stats
 
 
 def rtn(w: torch.Tensor, grid: Grid, clip: str = "minmax", importance: torch.Tensor | None = None) -> Quantized:
@@ -22,20 +22,7 @@ def rtn(w: torch.Tensor, grid: Grid, clip: str = "minmax", importance: torch.Ten
         return quantize_weight(w, grid, clip=clip, importance=importance)
     if isinstance(grid, GGMLGrid):
         fields = ggml_grid.fit(w, grid.ggml_type, importance)
-        qt = BlockQuantizedTensor(grid, fields, tuple(w.shape))
-        deq = qt.dequantize()
-        diff = deq - w.float()
-        stats = {
-            "rel_mse": float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30)),
-            "max_abs_err": float(diff.abs().max()) if diff.numel() else 0.0,
-        }
-        if importance is not None:
-            imp = importance.float().to(w.device)
-            stats["rel_mse_weighted"] = float(
-                (diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)
-            )
-        qt.stats.update(stats)
-        return qt
+        return with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, importance)
     raise TypeError(f"RTN cannot quantize onto {grid!r}")
 
 

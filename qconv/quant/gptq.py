@@ -16,7 +16,7 @@ import torch
 
 from qconv.quant import ggml_grid
 from qconv.quant.int_grid import _quantize_rows, with_error_stats
-from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, IntGrid, QuantizedTensor
+from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, IntGrid, QuantizedTensor, with_block_error_stats
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,7 @@ def gptq_int(w: torch.Tensor, h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig) -
         W, H = W[:, perm], H[perm][:, perm]
     U, used = inverse_hessian_factor(H, cfg.damp, cfg.max_damp)
     order = perm if perm is not None else torch.arange(in_f, device=W.device)
+    cols = order.tolist()
 
     Q = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)  # permuted positions
     scales = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
@@ -122,7 +123,7 @@ def gptq_int(w: torch.Tensor, h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig) -
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             pos = i1 + i
-            col = int(order[pos])
+            col = cols[pos]
             if static_s is not None:
                 g = col // gs
                 cur_s, cur_z = static_s[:, g], static_z[:, g]
@@ -206,16 +207,7 @@ def gptq_ggml(
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     # Blocks of one row are consecutive in the GGML layout: stack the per-span column fields back into rows.
     fields = ggml_grid.hstack(parts, out_f)
-    qt = BlockQuantizedTensor(grid, fields, tuple(w.shape))
-    deq = qt.dequantize()
-    diff = deq - w.float()
     imp = h.detach().float().diagonal().clamp_min(0)
-    qt.stats.update(
-        {
-            "rel_mse": float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30)),
-            "max_abs_err": float(diff.abs().max()) if diff.numel() else 0.0,
-            "rel_mse_weighted": float((diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)),
-            "gptq_damp": used,
-        }
-    )
+    qt = with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, imp)
+    qt.stats["gptq_damp"] = used
     return qt, GPTQInfo(used, int(dead.sum()), werr)

@@ -116,5 +116,21 @@ class BlockQuantizedTensor:
         return dequantize(self.fields, self.shape[1]).reshape(self.shape).to(dtype or torch.float32)
 
 
+def with_block_error_stats(
+    qt: BlockQuantizedTensor, w: torch.Tensor, importance: torch.Tensor | None = None
+) -> BlockQuantizedTensor:
+    """Attach the reconstruction error of ``qt`` against the float weight ``w`` [out, in]: relative squared error,
+    max |error| and, with ``importance`` [in], the importance-weighted relative squared error."""
+    diff = qt.dequantize() - w.float()
+    qt.stats["rel_mse"] = float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30))
+    qt.stats["max_abs_err"] = float(diff.abs().max()) if diff.numel() else 0.0
+    if importance is not None:
+        imp = importance.float().to(w.device)
+        qt.stats["rel_mse_weighted"] = float(
+            (diff.square() * imp).sum() / (w.float().square() * imp).sum().clamp_min(1e-30)
+        )
+    return qt
+
+
 Grid = IntGrid | GGMLGrid
 Quantized = QuantizedTensor | BlockQuantizedTensor
