@@ -27,6 +27,8 @@ class GridRequest:
     group_size: int
     symmetric: bool
     act_order: bool = False  # columns grouped in processing order: the layout stores a g_idx
+    scheme: str = "int"  # the method's grid family (Method.scheme): "int", "nf4", "fp8", "mxfp4", …
+    options: dict = field(default_factory=dict, compare=False, hash=False)  # the method's --opt values
 
 
 @dataclass
@@ -64,6 +66,9 @@ class FormatWriter(ABC):
     supported_bits: tuple[int, ...] = ()
     is_file: bool = False  # the output is one file (e.g. GGUF) rather than a folder
     supports_g_idx: bool = False  # the layout can store act-order column groups (g_idx)
+    schemes: tuple[str, ...] = ("int",)  # grid families (Method.scheme) the format can store
+    # Settings the writer's constructor takes as keywords, given as --opt KEY=VALUE (qconv.options).
+    options: tuple = ()
 
     def __init__(self, out_dir: Path, verifier: Verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
         """``out_dir``: the temporary folder the output is built in; ``target_name``: the final file name of a
@@ -83,6 +88,7 @@ class FormatWriter(ABC):
     def plan(self, source, req: GridRequest, ignore: list[re.Pattern], dtype: torch.dtype) -> Plan:
         """Default plan for folder formats: decoder linears on ``grid_for`` grids (unless ignored), everything
         else dense in ``dtype``, tensors in source order (embeddings, layers, final norm, head)."""
+        self.check_scheme(req)
         a = source.adapter
         grids: dict[str, Grid] = {}
         ignored: list[str] = []
@@ -122,6 +128,15 @@ class FormatWriter(ABC):
         if not source.tied:
             add_dense(a.lm_head)
         return Plan(grids, set(grids), dense, ignored, specs, nbytes=nbytes)
+
+    def check_scheme(self, req: GridRequest) -> None:
+        if req.scheme not in self.schemes:
+            from qconv.formats.registry import WRITERS
+
+            able = [n for n, w in WRITERS.items() if req.scheme in w.schemes]
+            raise InputError(
+                f"--format {self.name} cannot store {req.scheme} weights; formats that can: {', '.join(able) or 'none'}"
+            )
 
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> Grid:
         """The grid this format stores ``name`` (a linear module) on; InputError if it cannot store the request."""

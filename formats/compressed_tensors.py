@@ -12,6 +12,7 @@ Groups must divide the input size exactly: loaders derive in_features from scale
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -81,29 +82,115 @@ def _weights_args(grid: IntGrid, actorder: bool, observer: str) -> dict:
     }
 
 
-def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
-    """The ``quantization_config`` block: one config group per distinct grid."""
-    by_grid: dict[tuple, list[str]] = {}
-    for name, grid in ctx.quantized.items():
+class CTScheme:
+    """How one grid family (GridRequest.scheme) is stored in compressed-tensors: grid choice, tensors per linear,
+    packing + verification, the config group, and dequantization on read. One instance per family in SCHEMES."""
+
+    scheme = ""
+    formats: tuple[str, ...] = ()  # the config groups' "format" values this family is read from
+    suffixes: tuple[str, ...] = ()  # the tensor suffixes (after the module name) a packed linear has
+
+    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def specs(self, name: str, shape: tuple[int, int], grid) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def pack_verified(self, name: str, qt, verifier) -> dict[str, torch.Tensor]:
+        """The tensors of one linear (suffix → tensor), checked by ``verifier`` against ``qt.dequantize``."""
+        raise NotImplementedError
+
+    def group(self, grid, ctx: WriteContext, observer: str) -> tuple[dict, str, dict | None]:
+        """(weights args, config-group format, input_activations args or None) for a config group of ``grid``."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], weights: dict, fmt: str) -> torch.Tensor:
+        """Read side: one linear's stored tensors + its config group → the weight in the scale's dtype."""
+        raise NotImplementedError
+
+
+class IntScheme(CTScheme):
+    scheme = "int"
+    formats = ("pack-quantized",)
+    suffixes = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
+
+    def grid_for(self, name, shape, req, dtype) -> IntGrid:
+        if req.bits not in CompressedTensorsWriter.supported_bits:
+            raise InputError(f"--bits {req.bits}: the safetensors (compressed-tensors) format stores 2–8 bit integers")
+        in_f = shape[1]
+        if req.group_size != -1 and in_f % req.group_size:
+            raise InputError(
+                f"{name}: group size {req.group_size} does not divide its {in_f} input columns and compressed-tensors "
+                f"cannot store a partial group; group sizes that work: {suggest_groups(in_f)}"
+            )
+        return IntGrid(req.bits, req.group_size, req.symmetric, scale_dtype=dtype, partial_groups=False)
+
+    def specs(self, name, shape, grid: IntGrid) -> list[TensorSpec]:
+        out_f, in_f = shape
+        n_groups = grid.n_groups(in_f)
+        specs = [
+            TensorSpec(f"{name}.weight_packed", (out_f, packed_words(in_f, grid.bits)), torch.int32),
+            TensorSpec(f"{name}.weight_scale", (out_f, n_groups), grid.scale_dtype),
+        ]
+        if not grid.symmetric:
+            specs.append(
+                TensorSpec(f"{name}.weight_zero_point", (packed_words(out_f, grid.bits), n_groups), torch.int32)
+            )
+        specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
+        return specs
+
+    def pack_verified(self, name, qt: QuantizedTensor, verifier) -> dict[str, torch.Tensor]:
+        tensors = pack_ct(qt)
+        verifier.check(
+            name, "ct-int", qt.dequantize(torch.float32), **ct_kernel_args(tensors, qt.grid.bits, qt.grid.group_size)
+        )
+        return tensors
+
+    def group(self, grid: IntGrid, ctx, observer):
         # compressed-tensors dropped actorder "group" (g_idx): act-order runs with static groups, recorded as "weight"
-        key = (grid.bits, grid.group_size, grid.symmetric, bool(ctx.provenance.get("act_order")))
-        by_grid.setdefault(key, []).append(name.removesuffix(".weight"))
+        return _weights_args(grid, bool(ctx.provenance.get("act_order")), observer), "pack-quantized", None
+
+    def dequantize(self, tensors, weights, fmt) -> torch.Tensor:
+        from qconv.kernels.ct_int import dequant_reference
+
+        if weights.get("type") != "int":
+            raise InputError(f"weight type {weights.get('type')!r} is not int")
+        w = dequant_reference(**ct_kernel_args(tensors, weights["num_bits"], weights.get("group_size") or -1))
+        return w.to(tensors["weight_scale"].dtype)
+
+
+# GridRequest.scheme → how compressed-tensors stores it (other families add their instance here)
+SCHEMES: dict[str, CTScheme] = {s.scheme: s for s in (IntScheme(),)}
+
+
+def scheme_of(grid) -> CTScheme:
+    return SCHEMES[getattr(grid, "scheme", "int")]
+
+
+def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
+    """The ``quantization_config`` block: one config group per distinct (weights, format, activations)."""
+    by_group: dict[str, tuple[dict, str, dict | None, list[str]]] = {}
+    for name, grid in ctx.quantized.items():
+        weights, fmt, acts = scheme_of(grid).group(grid, ctx, observer)
+        key = json.dumps([weights, fmt, acts], sort_keys=True)
+        by_group.setdefault(key, (weights, fmt, acts, []))[3].append(name.removesuffix(".weight"))
     groups = {}
-    for i, ((bits, gs, sym, actorder), names) in enumerate(sorted(by_grid.items())):
-        grid = IntGrid(bits, gs, sym)
-        targets = ["Linear"] if len(by_grid) == 1 else [f"re:^{re.escape(n)}$" for n in sorted(names)]
+    formats = sorted({v[1] for v in by_group.values()})
+    for i, key in enumerate(sorted(by_group)):
+        weights, fmt, acts, names = by_group[key]
+        targets = ["Linear"] if len(by_group) == 1 else [f"re:^{re.escape(n)}$" for n in sorted(names)]
         groups[f"group_{i}"] = {
             "targets": targets,
-            "weights": _weights_args(grid, actorder, observer),
-            "input_activations": None,
+            "weights": weights,
+            "input_activations": acts,
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": fmt,
         }
     # lm_head is a Linear even when tied to the embeddings: it must be listed or the "Linear" target catches it
     ignore = sorted({*ctx.ignored, "lm_head"})
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": formats[0] if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": ignore,
@@ -119,6 +206,7 @@ class CompressedTensorsWriter(FormatWriter):
     name = "safetensors"
     description = "compressed-tensors pack-quantized safetensors (transformers, vLLM, llm-compressor)"
     supported_bits = (2, 3, 4, 5, 6, 7, 8)
+    schemes = ("int",)  # keep in step with SCHEMES
 
     def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = "",
                  observer: str = "minmax"):  # fmt: skip
@@ -126,30 +214,11 @@ class CompressedTensorsWriter(FormatWriter):
         self.observer = observer
         self._writer: ShardedSafetensorsWriter | None = None
 
-    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> IntGrid:
-        if req.bits not in self.supported_bits:
-            raise InputError(f"--bits {req.bits}: the safetensors (compressed-tensors) format stores 2–8 bit integers")
-        in_f = shape[1]
-        if req.group_size != -1 and in_f % req.group_size:
-            raise InputError(
-                f"{name}: group size {req.group_size} does not divide its {in_f} input columns and compressed-tensors "
-                f"cannot store a partial group; group sizes that work: {suggest_groups(in_f)}"
-            )
-        return IntGrid(req.bits, req.group_size, req.symmetric, scale_dtype=dtype, partial_groups=False)
+    def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype):
+        return SCHEMES[req.scheme].grid_for(name, shape, req, dtype)
 
-    def quantized_specs(self, name: str, shape: tuple[int, int], grid: IntGrid) -> list[TensorSpec]:
-        out_f, in_f = shape
-        n_groups = grid.n_groups(in_f)
-        specs = [
-            TensorSpec(f"{name}.weight_packed", (out_f, packed_words(in_f, grid.bits)), torch.int32),
-            TensorSpec(f"{name}.weight_scale", (out_f, n_groups), grid.scale_dtype),
-        ]
-        if not grid.symmetric:
-            specs.append(
-                TensorSpec(f"{name}.weight_zero_point", (packed_words(out_f, grid.bits), n_groups), torch.int32)
-            )
-        specs.append(TensorSpec(f"{name}.weight_shape", (2,), torch.int64))
-        return specs
+    def quantized_specs(self, name: str, shape: tuple[int, int], grid) -> list[TensorSpec]:
+        return scheme_of(grid).specs(name, shape, grid)
 
     def begin(self, plan: Plan, ctx: WriteContext) -> None:
         self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
@@ -157,10 +226,7 @@ class CompressedTensorsWriter(FormatWriter):
     def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
         assert self._writer is not None
         name = name.removesuffix(".weight")
-        tensors = pack_ct(qt)
-        self.verifier.check(
-            name, "ct-int", qt.dequantize(torch.float32), **ct_kernel_args(tensors, qt.grid.bits, qt.grid.group_size)
-        )
+        tensors = scheme_of(qt.grid).pack_verified(name, qt, self.verifier)
         for suffix, t in tensors.items():
             self._writer.write(f"{name}.{suffix}", t)
 
@@ -198,29 +264,31 @@ class CompressedTensorsSource(TensorSource):
         self.adapter = raw.adapter
         self.input_files = raw.input_files
         qc = raw.config["quantization_config"]
-        fmt = qc.get("format")
-        if fmt != "pack-quantized":
-            raise InputError(f"{raw.name}: compressed-tensors format {fmt!r} is not readable yet (pack-quantized is)")
         self._groups = list(qc.get("config_groups", {}).values())
-        self._modules: dict[str, dict] = {}
+        readable = {f: sch for sch in SCHEMES.values() for f in sch.formats}
+        # module → (scheme, weights args, format); every packed linear has a weight_scale
+        self._modules: dict[str, tuple[CTScheme, dict, str]] = {}
         for n in raw.names():
-            if n.endswith(".weight_packed"):
-                mod = n[: -len(".weight_packed")]
-                self._modules[mod] = self._args_for(mod)
-        packed_suffixes = (".weight_packed", ".weight_scale", ".weight_zero_point", ".weight_g_idx", ".weight_shape")
-        self._names = [n for n in raw.names() if not n.endswith(packed_suffixes)]
-        self._names += [f"{m}.weight" for m in self._modules]
+            if n.endswith(".weight_scale"):
+                mod = n[: -len(".weight_scale")]
+                weights, fmt = self._group_for(mod, qc.get("format"))
+                if fmt not in readable:
+                    raise InputError(
+                        f"{raw.name}: {mod}: compressed-tensors format {fmt!r} is not readable "
+                        f"(readable: {', '.join(sorted(readable))})"
+                    )
+                self._modules[mod] = (readable[fmt], weights, fmt)
+        hidden = {f"{m}.{suf}" for m, (sch, _, _) in self._modules.items() for suf in sch.suffixes}
+        self._names = [n for n in raw.names() if n not in hidden]
+        self._names += [f"{m}.weight" for m in self._modules if f"{m}.weight" not in self._names]
         self._name_set = set(self._names)
 
-    def _args_for(self, module: str) -> dict:
+    def _group_for(self, module: str, default_fmt: str | None) -> tuple[dict, str]:
         for g in self._groups:
             for t in g.get("targets", []):
                 if t == "Linear" or (t.startswith("re:") and re.match(t[3:], module)) or t == module:
-                    w = g["weights"]
-                    if w.get("type") != "int":
-                        raise InputError(f"{self.name}: {module}: weight type {w.get('type')!r} is not int")
-                    return w
-        raise InputError(f"{self.name}: {module} has packed weights but no config group targets it")
+                    return g["weights"], g.get("format") or default_fmt
+        raise InputError(f"{self.name}: {module} has quantized weights but no config group targets it")
 
     def names(self) -> list[str]:
         return self._names
@@ -228,29 +296,30 @@ class CompressedTensorsSource(TensorSource):
     def has(self, name: str) -> bool:
         return name in self._name_set
 
+    def packed(self, module: str) -> dict[str, torch.Tensor]:
+        sch = self._modules[module][0]
+        return {s: self.raw.read(f"{module}.{s}") for s in sch.suffixes if self.raw.has(f"{module}.{s}")}
+
     def shape(self, name: str) -> tuple[int, ...]:
         mod = name[: -len(".weight")] if name.endswith(".weight") else None
         if mod in self._modules:
-            return tuple(int(x) for x in self.raw.read(f"{mod}.weight_shape").tolist())
+            if self.raw.has(f"{mod}.weight_shape"):
+                return tuple(int(x) for x in self.raw.read(f"{mod}.weight_shape").tolist())
+            return tuple(self.dequantized(mod).shape)
         return self.raw.shape(name)
 
-    def packed(self, module: str) -> dict[str, torch.Tensor]:
-        return {
-            s: self.raw.read(f"{module}.{s}")
-            for s in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
-            if self.raw.has(f"{module}.{s}")
-        }
+    def dequantized(self, module: str) -> torch.Tensor:
+        sch, weights, fmt = self._modules[module]
+        try:
+            return sch.dequantize(self.packed(module), weights, fmt)
+        except InputError as e:
+            raise InputError(f"{self.name}: {module}: {e}") from None
 
     def _read(self, name: str) -> torch.Tensor:
         mod = name[: -len(".weight")] if name.endswith(".weight") else None
         if mod not in self._modules:
             return self.raw.read(name)
-        from qconv.kernels.ct_int import dequant_reference
-
-        args = self._modules[mod]
-        t = self.packed(mod)
-        w = dequant_reference(**ct_kernel_args(t, args["num_bits"], args.get("group_size") or -1))
-        return w.to(t["weight_scale"].dtype)
+        return self.dequantized(mod)
 
     def tokenizer_dir(self) -> Path:
         return self.raw.tokenizer_dir()

@@ -99,6 +99,7 @@ class GGUFFormat(FormatWriter):
     # -- planning -------------------------------------------------------------------------------------------------
 
     def plan(self, source, req: GridRequest, ignore: list[re.Pattern], dtype: torch.dtype) -> Plan:
+        self.check_scheme(req)
         config = source.config
         self._config = config
         self._arch = gguf_arch(config, source.name)

@@ -61,13 +61,19 @@ def main() -> None:
 @main.command(epilog=EPILOG_QUANTIZE)
 @click.argument("model")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Output folder (written atomically).")
-@click.option("--method", default="rtn", show_default=True, help="Quantization method: rtn, gptq, awq, awq+gptq.")
+@click.option(
+    "--method",
+    default="rtn",
+    show_default=True,
+    help="Quantization method (`qconv methods` lists them and their options).",
+)
 @click.option(
     "--format",
     "fmt",
     default="safetensors",
     show_default=True,
-    help="Output format: safetensors (compressed-tensors pack-quantized) or gguf (llama.cpp; see --gguf-type).",
+    help="Output format, e.g. safetensors (compressed-tensors) or gguf (llama.cpp; see --gguf-type); "
+    "`qconv methods` lists them all.",
 )
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits (2–8).")
 @click.option(
@@ -167,6 +173,13 @@ def main() -> None:
     is_flag=True,
     help="GPTQ with --act-order: group parameters fixed up front in natural column order (no g_idx).",
 )
+@click.option(
+    "--opt",
+    "opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A setting of the chosen method or format (repeatable); `qconv methods` lists them.",
+)
 @click.option("--eval", "do_eval", is_flag=True, help="Evaluate the artifact against the input model after writing.")
 @click.option("--eval-text", default=None, type=click.Path(), help="Eval text file (default: bundled held-out text).")
 @click.option("--eval-chunks", type=int, default=None, help="Eval chunks (default: all in the text).")
@@ -179,7 +192,7 @@ def main() -> None:
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
              calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
-             damp, act_order, static_groups, do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle,
+             damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle,
              revision, quiet, as_json):  # fmt: skip
     """Quantize MODEL and write it to --out."""
     try:
@@ -202,9 +215,12 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             raise InputError(f"--method {method} needs calibration data: drop --no-calib")
         if damp <= 0:
             raise InputError(f"--damp {damp}: must be positive")
+        from qconv.options import parse_pairs
+
         cfg = QuantizeConfig(
-            method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric, clip=clip,
-            ignore=tuple(ignore), calib=calib, calib_field=calib_field, calib_samples=calib_samples,
+            opts=parse_pairs(opts), method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric,
+            clip=clip, ignore=tuple(ignore), calib=calib, calib_field=calib_field,
+            calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
             method_options={"no_calib": no_calib, "importance": imatrix or "none", **(
                 {"damp": damp, "act_order": act_order, "static_groups": static_groups} if uses_gptq else {})},
@@ -348,6 +364,39 @@ def imatrix_cmd(model, out, calib, calib_samples, calib_seqlen, seed, device, ba
             )
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         _fail(e, as_json)
+
+
+@main.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
+def methods_cmd(as_json):
+    """List quantization methods and output formats, with the --opt settings each accepts."""
+    from qconv.formats.registry import WRITERS
+    from qconv.methods import METHODS
+    from qconv.options import describe
+
+    def row(cls, kind):
+        return {
+            "name": cls.name,
+            "kind": kind,
+            "description": cls.description,
+            "schemes": [cls.scheme] if kind == "method" else list(cls.schemes),
+            "options": [
+                {"name": o.name, "type": o.type.__name__, "default": o.default, "choices": list(o.choices),
+                 "help": o.help} for o in cls.options
+            ],
+        }  # fmt: skip
+
+    rows = [row(m, "method") for m in METHODS.values()] + [row(w, "format") for w in WRITERS.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for kind, table in (("methods", METHODS), ("formats", WRITERS)):
+        click.echo(f"{kind}:")
+        for cls in table.values():
+            fam = cls.scheme if kind == "methods" else ", ".join(cls.schemes)
+            click.echo(f"  {cls.name:<12} [{fam}] {cls.description}")
+            for line in describe(cls.options):
+                click.echo(f"      --opt {line}")
 
 
 @main.command("convert")

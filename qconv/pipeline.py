@@ -29,6 +29,7 @@ from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.methods.rtn import rtn
 from qconv.model.runner import LayerRunner, compute_dtype
 from qconv.model.source import TensorSource, open_source
+from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
 from qconv.stats import StatsCollector
 
@@ -54,6 +55,7 @@ class QuantizeConfig:
     dtype: str = "auto"
     method_options: dict = field(default_factory=dict)
     format_options: dict = field(default_factory=dict)
+    opts: dict = field(default_factory=dict)  # --opt KEY=VALUE pairs, resolved against the method's and format's
 
     def manifest(self) -> dict:
         d = asdict(self)
@@ -139,24 +141,27 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
     except re.error as e:
         raise InputError(f"--ignore {e.pattern!r}: not a valid regular expression ({e})") from None
     writer_cls = WRITERS[cfg.format]
+    method_cls = METHODS[cfg.method]
+    method_opts, format_opts = resolve_options(
+        cfg.opts, [(f"--method {cfg.method}", method_cls.options), (f"--format {cfg.format}", writer_cls.options)]
+    )
     verifier = Verifier(run.verify)
     output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
-    writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options)
+    writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options, **format_opts)
     try:
-        opts = cfg.method_options
+        opts = cfg.method_options = {**cfg.method_options, **method_opts}
         if opts.get("act_order") and not opts.get("static_groups") and not writer_cls.supports_g_idx:
             # The format has no g_idx (compressed-tensors dropped actorder "group"): order the columns during
             # quantization only, with group parameters fixed in natural order (actorder "weight").
             opts = cfg.method_options = {**opts, "static_groups": True}
             reporter.log(f"--act-order: {cfg.format} stores no g_idx, so groups are static (actorder 'weight')")
         g_idx = bool(opts.get("act_order")) and not opts.get("static_groups")
-        plan = writer.plan(
-            source, GridRequest(cfg.bits, cfg.group_size, cfg.symmetric, act_order=g_idx), patterns, dtype
+        req = GridRequest(
+            cfg.bits, cfg.group_size, cfg.symmetric, act_order=g_idx, scheme=method_cls.scheme, options=method_opts
         )
+        plan = writer.plan(source, req, patterns, dtype)
         importance = load_importance(cfg.method_options.get("importance", "none"), source, plan)
-        method = METHODS[cfg.method](
-            MethodOptions(clip=cfg.clip, extra={**cfg.method_options, "importance": importance})
-        )
+        method = method_cls(MethodOptions(clip=cfg.clip, extra={**cfg.method_options, "importance": importance}))
         grids = sorted({g.name for g in plan.grids.values()})
         reporter.log(
             f"[bold]qconv[/] {cfg.method} → {cfg.format}: {len(plan.grids)} tensors on {', '.join(grids) or 'none'}, "

@@ -173,3 +173,21 @@ def test_corrupt_gguf(cli, tmp_path):
     out = tmp_path / "out"
     r = cli("quantize", bad, "--out", out)
     assert_clean_failure(r, out, "bad.gguf", "corrupt")
+
+
+@pytest.mark.parametrize(
+    "opt, needle",
+    [("nokey", "expected KEY=VALUE"), ("unknown=1", "not an option of --method rtn and --format safetensors")],
+)
+def test_bad_opt(cli, tiny_llama, tmp_path, opt, needle):
+    out = tmp_path / "out"
+    r = cli("quantize", str(tiny_llama), "--out", str(out), "--opt", opt)
+    assert_clean_failure(r, out, needle)
+
+
+def test_methods_listing(cli):
+    r = cli("methods", "--json")
+    assert r.code == 0, r.stderr
+    rows = json.loads(r.stdout)
+    names = {(row["kind"], row["name"]) for row in rows}
+    assert {("method", "rtn"), ("method", "gptq"), ("format", "safetensors"), ("format", "gguf")} <= names

@@ -71,6 +71,11 @@ class Method(ABC):
 
     name: str = ""
     description: str = ""
+    # The grid family the method produces: "int" (IntGrid, or GGML block grids for GGUF), or a family of its own
+    # ("nf4", "fp8", "mxfp4", …). Formats declare the families they can store (FormatWriter.schemes).
+    scheme: str = "int"
+    # Settings read from MethodOptions.extra, given on the command line as --opt KEY=VALUE (qconv.options).
+    options: tuple = ()
 
     def __init__(self, options: MethodOptions):
         self.options = options
