@@ -323,3 +323,11 @@ class CompressedTensorsSource(TensorSource):
 
     def tokenizer_dir(self) -> Path:
         return self.raw.tokenizer_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other grid families: each lives in its own module (subclassing CTScheme from here) and is registered below.
+def _register(*schemes: CTScheme) -> None:
+    for sch in schemes:
+        SCHEMES[sch.scheme] = sch
+    CompressedTensorsWriter.schemes = tuple(SCHEMES)
