@@ -185,6 +185,11 @@ def main() -> None:
 @click.option("--eval-chunks", type=int, default=None, help="Eval chunks (default: all in the text).")
 @click.option("--eval-ctx", type=int, default=512, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run after its last finished layer (same inputs and settings required).",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading .bin pickle checkpoints (weights-only mode).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -192,8 +197,8 @@ def main() -> None:
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
              calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
-             damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, allow_pickle,
-             revision, quiet, as_json):  # fmt: skip
+             damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, resume,
+             allow_pickle, revision, quiet, as_json):  # fmt: skip
     """Quantize MODEL and write it to --out."""
     try:
         if verify == "kernel" and not device.startswith("cuda"):
@@ -234,7 +239,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             }  # fmt: skip
         run = RunOptions(device=device, batch_size=batch_size, verify=verify,
                          max_shard_bytes=parse_size(max_shard_size), force=force, allow_pickle=allow_pickle,
-                         revision=revision)  # fmt: skip
+                         revision=revision, resume=resume)  # fmt: skip
         eval_fn = None
         if do_eval:
 

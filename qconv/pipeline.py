@@ -31,6 +31,7 @@ from qconv.model.runner import LayerRunner, compute_dtype
 from qconv.model.source import TensorSource, open_source
 from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
+from qconv.resume import ResumeStore, fingerprint
 from qconv.stats import StatsCollector
 
 DEFAULT_IGNORE = ()  # embeddings, lm_head and norms are never candidates; --ignore adds linears
@@ -74,6 +75,7 @@ class RunOptions:
     force: bool = False
     allow_pickle: bool = False
     revision: str | None = None
+    resume: bool = False  # continue an interrupted run after its last finished layer (qconv.resume)
 
 
 def resolve_dtype(name: str, source: TensorSource) -> torch.dtype:
@@ -179,27 +181,49 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                       "importance": importance if isinstance(importance, str) else "imatrix file",
                       "act_order": bool(cfg.method_options.get("act_order"))}  # fmt: skip
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
+        store = ResumeStore(
+            out, fingerprint(source.input_files, cfg.manifest(), __version__, calib.describe() if calib else None)
+        )
+        first = store.start(run.resume, output.path)
+        if first:
+            reporter.log(f"resuming after layer {first - 1} from {store.dir}")
+            if hidden is not None and first < source.num_layers:
+                hidden = store.load_hidden(first - 1).to(hidden.device, hidden.dtype)
         writer.begin(plan, ctx)
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
         weight_dtype = source.weights_dtype()
         a = source.adapter
 
-        def write_other(name: str, value: torch.Tensor | None = None) -> None:
+        def put(kind: str, name: str, value, stats: dict | None, log: list | None = None) -> None:
+            """Hand one tensor to the writer (recording the call in ``log`` for the resume checkpoint)."""
+            if kind == "quantized":
+                writer.write_quantized(name, value)
+                tensor_stats[name] = stats
+            else:
+                writer.write_dense(name, value)
+            if log is not None:
+                log.append((kind, name, value, stats))
+
+        def write_other(name: str, value: torch.Tensor | None = None, log: list | None = None) -> None:
             """A tensor the method does not quantize: dense, or plain RTN onto the grid the format gave it.
             ``value``: the method's changed version of it (AWQ-scaled norms), else the checkpoint's."""
             w = source.read(name) if value is None else value.detach().cpu()
             if name in plan.grids:
                 imp = importance.get(name.removesuffix(".weight")) if isinstance(importance, dict) else None
                 qt = rtn(w, plan.grids[name], importance=imp)
-                writer.write_quantized(name, qt)
-                tensor_stats[name] = stats_row(qt)
+                put("quantized", name, qt, stats_row(qt), log)
             elif name in dense:
-                writer.write_dense(name, w.to(dtype))
+                put("dense", name, w.to(dtype), None, log)
 
         write_other(a.embed)
         with reporter.task("quantizing layers", source.num_layers) as advance:
-            for i in range(source.num_layers):
+            for i in range(first):  # finished before an interruption: replay the recorded writes
+                for kind, name, value, stats in store.load_layer(i):
+                    put(kind, name, value, stats)
+                advance(1, f"layer {i} (resumed)")
+            for i in range(first, source.num_layers):
+                log: list = []
                 # Without calibration the layer only carries weights: keep them in their stored precision.
                 layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
                 prefix = a.layer_prefix(i)
@@ -223,17 +247,18 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 for lin in linears:
                     qt = qts.pop(lin)
                     lctx.set_weight(lin, qt.dequantize())  # the weights loaders will compute
-                    writer.write_quantized(f"{prefix}{lin}.weight", qt)
-                    tensor_stats[f"{prefix}{lin}.weight"] = stats_row(qt)
+                    put("quantized", f"{prefix}{lin}.weight", qt, stats_row(qt), log)
                     del qt
                     trim()
                 for name in source.layer_tensor_names(i):
                     if name not in plan.method:
                         override = lctx.overrides.get(name.removeprefix(prefix))
-                        write_other(name, override)
-                if hidden is not None and i + 1 < source.num_layers:
+                        write_other(name, override, log)
+                last = i + 1 == source.num_layers
+                if hidden is not None and not last:
                     runner.run(layer, i, hidden, run.batch_size, into=hidden)
-                del layer, lctx, qts
+                store.save_layer(i, log, None if last else hidden, output.path)
+                del layer, lctx, qts, log
                 trim()
                 advance(1, f"layer {i}")
         write_other(a.final_norm)
@@ -265,6 +290,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         if not writer.is_file:
             write_model_card(output.path, manifest)
         final = output.commit()
+        store.discard()
         if writer.is_file:  # split outputs: report the first file, the one loaders are given
             final = final.with_name(files[0])
     except BaseException:

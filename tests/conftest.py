@@ -87,8 +87,9 @@ def cli():
     return run
 
 
-def tiny_model(tmp: Path, model_type: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A small random transformers model of a supported family saved as safetensors, with SmolLM2's tokenizer."""
+def tiny_model(tmp: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A small random transformers model of a supported family saved as safetensors, with SmolLM2's tokenizer.
+    ``overrides`` change config fields (e.g. num_hidden_layers)."""
     import transformers
 
     from qconv.formats.hf_folder import copy_tokenizer
@@ -105,6 +106,7 @@ def tiny_model(tmp: Path, model_type: str, tokenizer_dir: Path, seed: int = 0) -
         tie_word_embeddings=False,
         head_dim=32,
     )
+    common.update(overrides)
     cfg = transformers.CONFIG_MAPPING[model_type](**common)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float32)
     out = tmp / model_type

@@ -1,0 +1,182 @@
+"""Checkpoints of a running conversion, so that an interrupted run (Ctrl-C, kill, crash) resumes after its last
+finished decoder layer (``--resume``).
+
+Next to the output, ``.<name>.qconv-resume/`` holds, per finished layer, everything the pipeline handed the format
+writer for that layer (quantized values and dense tensors, in order) plus the calibration activations leaving it.
+A resumed run replays the finished layers' writes from there — the writer sees the same calls with the same
+values, so the artifact is byte-identical to an uninterrupted run — and continues with the next layer. A
+fingerprint of (inputs, settings, qconv version) guards against resuming a different job.
+
+Values are stored without pickle: dataclasses (only qconv's own) become JSON metadata + safetensors tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qconv.errors import InputError
+
+STATE = "state.json"
+
+
+def fingerprint(inputs: list[Path], settings: dict, version: str, calibration: dict | None) -> str:
+    """sha256 over the input files (name, size, mtime), the artifact-defining settings, qconv's version and the
+    calibration set's own digest. Cheap (no hashing of weights) yet changes when any input is replaced."""
+    files = []
+    for p in sorted(Path(p) for p in inputs):
+        st = p.stat()
+        files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps(
+        {"inputs": files, "settings": settings, "qconv": version, "calibration": calibration},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- value encoding ---------------------------------------------------------------------------------------------
+
+
+def encode(value, key: str, tensors: dict[str, torch.Tensor]):
+    """JSON-able description of ``value``; its tensors go into ``tensors`` under keys derived from ``key``."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cls = type(value)
+        return {
+            "__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": {
+                f.name: encode(getattr(value, f.name), f"{key}.{f.name}", tensors) for f in dataclasses.fields(value)
+            },
+        }
+    if isinstance(value, dict):
+        return {"__dict__": [[k, encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {
+            "__list__": [encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)],
+            "tuple": isinstance(value, tuple),
+        }
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot checkpoint a {type(value).__name__}")
+
+
+def decode(desc, tensors: dict[str, torch.Tensor]):
+    if isinstance(desc, dict):
+        if "__tensor__" in desc:
+            return tensors[desc["__tensor__"]]
+        if "__dtype__" in desc:
+            return getattr(torch, desc["__dtype__"])
+        if "__dataclass__" in desc:
+            mod, _, qual = desc["__dataclass__"].partition(":")
+            if not mod.startswith("qconv."):  # only our own value types are ever rebuilt
+                raise InputError(f"resume checkpoint names a foreign type {desc['__dataclass__']!r}")
+            cls = importlib.import_module(mod)
+            for part in qual.split("."):
+                cls = getattr(cls, part)
+            return cls(**{k: decode(v, tensors) for k, v in desc["fields"].items()})
+        if "__dict__" in desc:
+            return {k: decode(v, tensors) for k, v in desc["__dict__"]}
+        if "__list__" in desc:
+            items = [decode(v, tensors) for v in desc["__list__"]]
+            return tuple(items) if desc.get("tuple") else items
+    return desc
+
+
+def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"qconv": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["qconv"])
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+class ResumeStore:
+    """The checkpoint folder of one output. ``start`` decides where the run begins."""
+
+    def __init__(self, target: Path, fp: str):
+        target = Path(target).resolve()
+        self.dir = target.parent / f".{target.name}.qconv-resume"
+        self.fp = fp
+
+    def start(self, resume: bool, temp_output: Path) -> int:
+        """Index of the first layer to compute (0 for a fresh run). With ``resume``, a checkpoint made for a
+        different fingerprint is an InputError; without it, any old checkpoint is dropped."""
+        state = self._state()
+        first = 0
+        if resume and state is not None:
+            if state.get("fingerprint") != self.fp:
+                raise InputError(
+                    f"{self.dir}: cannot resume: the interrupted run had other inputs, settings or qconv version; "
+                    "run without --resume to start over"
+                )
+            first = int(state.get("done", -1)) + 1
+            stale = state.get("temp_output")
+            if stale and Path(stale).name.startswith(".") and ".qconv-tmp-" in Path(stale).name:
+                shutil.rmtree(stale, ignore_errors=True)  # the interrupted run's half-built output
+        elif self.dir.exists():
+            shutil.rmtree(self.dir)
+        if first == 0 and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_state(first - 1, temp_output)
+        return first
+
+    def _state(self) -> dict | None:
+        p = self.dir / STATE
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self, done: int, temp_output: Path) -> None:
+        tmp = self.dir / (STATE + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fp, "done": done, "temp_output": str(temp_output)}))
+        os.replace(tmp, self.dir / STATE)
+
+    def save_layer(self, i: int, writes: list, hidden: torch.Tensor | None, temp_output: Path) -> None:
+        """Layer ``i`` finished: its writer calls ``writes`` [(kind, name, value, stats row)] and the activations
+        leaving it (None without calibration, or after the last layer)."""
+        tensors: dict[str, torch.Tensor] = {}
+        desc = encode(writes, "w", tensors)
+        _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
+        if hidden is not None:
+            _save_atomic(self.dir / "hidden.safetensors", {"hidden": hidden.detach().cpu().contiguous()}, {"layer": i})
+        self._write_state(i, temp_output)
+
+    def load_layer(self, i: int) -> list:
+        p = self.dir / f"layer-{i:05d}.safetensors"
+        try:
+            tensors, meta = _load(p)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{p}: unreadable resume checkpoint ({e}); run without --resume to start over") from None
+        return decode(meta["writes"], tensors)
+
+    def load_hidden(self, layer: int) -> torch.Tensor:
+        p = self.dir / "hidden.safetensors"
+        tensors, meta = _load(p)
+        if meta.get("layer") != layer:
+            raise InputError(f"{p}: activations are from layer {meta.get('layer')}, expected {layer}")
+        return tensors["hidden"]
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
