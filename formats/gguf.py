@@ -100,6 +100,11 @@ class GGUFFormat(FormatWriter):
 
     def plan(self, source, req: GridRequest, ignore: list[re.Pattern], dtype: torch.dtype) -> Plan:
         self.check_scheme(req)
+        if source.adapter.experts is not None:
+            raise InputError(
+                f"{source.name}: GGUF output of mixture-of-experts models is not supported yet "
+                "(llama.cpp stores experts merged); use --format safetensors"
+            )
         config = source.config
         self._config = config
         self._arch = gguf_arch(config, source.name)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from qconv.errors import InputError
-from qconv.methods.base import LayerContext, Method
+from qconv.methods.base import LayerContext, Method, rtn_fallback
 from qconv.methods.gptq import GPTQ
 from qconv.methods.rtn import rtn
 from qconv.quant.awq import search_scales
@@ -41,9 +41,13 @@ class AWQ(Method):
         groups = ctx.sequential_groups()
         stats = ctx.collect({grp.linears[0]: {"abs_mean", "sq_mean", "sample"} for grp in groups})
         sq_mean: dict[str, torch.Tensor] = {}
+        self.starved = set()
         for grp in groups:
             g, src_name = grp.linears, grp.feeds_from
             st = stats[g[0]]
+            if st.count == 0:  # no calibration token reached these linears (an unrouted expert): no scales
+                self.starved.update(g)
+                continue
             src = ctx.layer.get_submodule(src_name) if src_name else None
             foldable = src is not None and _can_fold(src, ctx.layer.get_submodule(g[0]).in_features)
             s = None
@@ -68,6 +72,9 @@ class AWQ(Method):
         out: dict[str, Quantized] = {}
         for n in ctx.linears:
             grid = ctx.grids[n]
+            if n in self.starved:
+                out[n] = rtn_fallback(rtn(ctx.weight(n), grid, self.options.clip))
+                continue
             clip = "mse" if isinstance(grid, IntGrid) else self.options.clip
             out[n] = rtn(ctx.weight(n), grid, clip, sq.get(n))
         return out

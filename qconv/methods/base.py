@@ -66,6 +66,14 @@ class LayerContext:
         lin.weight.data = w.to(lin.weight.dtype)
 
 
+def rtn_fallback(qt: Quantized) -> Quantized:
+    """Mark ``qt`` as the defined fallback for a linear no calibration token reached (an MoE expert the router never
+    chose): plain RTN on the same grid. The marks land in the manifest's per-tensor figures."""
+    qt.stats["calib_tokens"] = 0.0
+    qt.stats["fallback_rtn"] = 1.0
+    return qt
+
+
 class Method(ABC):
     """A quantization method. Subclasses set ``name`` and implement ``quantize_layer``."""
 

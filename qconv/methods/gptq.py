@@ -4,7 +4,8 @@ accumulated from calibration inputs that already pass through the quantized earl
 from __future__ import annotations
 
 from qconv.errors import InputError
-from qconv.methods.base import LayerContext, Method
+from qconv.methods.base import LayerContext, Method, rtn_fallback
+from qconv.methods.rtn import rtn
 from qconv.quant.gptq import GPTQConfig, gptq_ggml, gptq_int
 from qconv.quant.tensor import GGMLGrid, IntGrid, Quantized
 
@@ -38,12 +39,15 @@ class GPTQ(Method):
         for group in (g.linears for g in ctx.sequential_groups()):
             # One Hessian per group: its linears read the same input.
             stats = ctx.collect({group[0]: {"xtx"}})
+            tokens = stats[group[0]].count
             h = stats[group[0]].hessian
             for name in group:
                 grid = ctx.grids[name]
                 w = ctx.weight(name)
                 try:
-                    if isinstance(grid, IntGrid):
+                    if tokens == 0:  # no Hessian at all (an expert never routed to): nothing to feed back
+                        qt = rtn_fallback(rtn(w, grid, self.options.clip))
+                    elif isinstance(grid, IntGrid):
                         qt, _ = gptq_int(w, h, grid, cfg)
                     elif isinstance(grid, GGMLGrid):
                         qt, _ = gptq_ggml(w, h, grid, cfg)

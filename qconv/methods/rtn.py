@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qconv.methods.base import LayerContext, Method
+from qconv.methods.base import LayerContext, Method, rtn_fallback
 from qconv.quant import ggml_grid
 from qconv.quant.int_grid import quantize_weight
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, Grid, IntGrid, Quantized, with_block_error_stats
@@ -48,9 +48,15 @@ class RTN(Method):
             return {n: imp[prefix + n] for n in ctx.linears if prefix + n in imp}
         if self.needs_calibration and ctx.collect is not None:
             stats = ctx.collect({name: {"sq_mean"} for name in ctx.linears})
-            return {n: s.sq_mean for n, s in stats.items()}
+            # a linear no token reached (an unrouted expert) has no importance: plain RTN, marked as fallback
+            self.starved = {n for n, s in stats.items() if s.count == 0}
+            return {n: s.sq_mean for n, s in stats.items() if s.count > 0}
         return {}
 
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Quantized]:
+        self.starved: set[str] = set()
         imp = self.importance(ctx)
-        return {n: rtn(ctx.weight(n), ctx.grids[n], self.options.clip, imp.get(n)) for n in ctx.linears}
+        out = {n: rtn(ctx.weight(n), ctx.grids[n], self.options.clip, imp.get(n)) for n in ctx.linears}
+        for n in self.starved:
+            rtn_fallback(out[n])
+        return out

@@ -7,6 +7,7 @@ Adding a family means adding data here, not code elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from qconv.errors import InputError
@@ -22,6 +23,31 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """Mixture-of-experts feed-forward: ``block`` (relative to the layer) holds a dense router ``block.gate`` and
+    ``block.experts.<e>.{gate,up,down}`` linears on disk (transformers fuses them into 3D tensors at load; qconv
+    runs them as separate linears so every expert is quantized and measured on its own tokens)."""
+
+    block: str
+    count_keys: tuple[str, ...]  # config keys that may hold the expert count (releases renamed them)
+    gate: str
+    up: str
+    down: str
+    module: str = ""  # transformers' attribute for the block when it differs from the checkpoint's name
+
+    def expert_groups(self, n: int) -> tuple[LinearGroup, ...]:
+        groups: list[LinearGroup] = []
+        for e in range(n):
+            p = f"{self.block}.experts.{e}."
+            # gate/up share their input with the router: a scale folded into the norm would change routing
+            groups.append(LinearGroup((p + self.gate, p + self.up), ""))
+        for e in range(n):
+            p = f"{self.block}.experts.{e}."
+            groups.append(LinearGroup((p + self.down,), p + self.up))
+        return tuple(groups)
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     family: str
     model_types: tuple[str, ...]
@@ -33,6 +59,8 @@ class ArchAdapter:
     # Per-layer tensors that are not linears (norms, q/k norms), relative to the layer prefix.
     layer_norms: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
     rope_permuted_in_gguf: bool = True
+    experts: ExpertSpec | None = None
+    num_experts: int = 0  # set when bound to a config
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -67,7 +95,42 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
     ),
 )
 
+_ATTN = _ATTN_MLP[:2]
+_QK_NORMS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+)
+ADAPTERS += (
+    ArchAdapter(
+        "mixtral",
+        ("mixtral",),
+        _ATTN,
+        experts=ExpertSpec("block_sparse_moe", ("num_local_experts",), "w1", "w3", "w2", module="mlp"),
+    ),
+    ArchAdapter(
+        "qwen3_moe",
+        ("qwen3_moe",),
+        _ATTN,
+        layer_norms=_QK_NORMS,
+        experts=ExpertSpec("mlp", ("num_experts", "num_local_experts"), "gate_proj", "up_proj", "down_proj"),
+    ),
+)
+
 SUPPORTED = tuple(t for a in ADAPTERS for t in a.model_types)
+
+
+def _bind_experts(a: ArchAdapter, config: dict, where: str) -> ArchAdapter:
+    """An MoE adapter with its expert linears spelled out for this config's expert count."""
+    spec = a.experts
+    assert spec is not None
+    n = next((config[k] for k in spec.count_keys if k in config), None)
+    if not isinstance(n, int) or n < 1:
+        raise InputError(f"{where}: {spec.count_keys[0]} must be a positive integer for a {a.family} model")
+    if config.get("mlp_only_layers") or config.get("decoder_sparse_step", 1) != 1:
+        raise InputError(f"{where}: {a.family} models mixing dense and expert layers are not supported yet")
+    return dataclasses.replace(a, groups=a.groups + spec.expert_groups(n), num_experts=n)
 
 
 def adapter_for(config: dict, where: str) -> ArchAdapter:
@@ -75,7 +138,7 @@ def adapter_for(config: dict, where: str) -> ArchAdapter:
     model_type = config.get("model_type")
     for a in ADAPTERS:
         if model_type in a.model_types:
-            return a
+            return _bind_experts(a, config, where) if a.experts else a
     archs = config.get("architectures") or []
     shown = model_type or (archs[0] if archs else "unknown")
     raise InputError(f"{where}: unsupported architecture {shown!r}; supported: {', '.join(SUPPORTED)}")

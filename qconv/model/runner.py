@@ -86,6 +86,10 @@ class LayerRunner:
         prefix = self.source.adapter.layer_prefix(i)
         with torch.device("meta"):
             layer = self._layer_cls(self.cfg, i)
+        if self.source.adapter.experts is not None:
+            from qconv.model.experts import unfuse_experts
+
+            unfuse_experts(layer, self.source.adapter.experts)
         state = {}
         for name in self.source.layer_tensor_names(i):
             t = overrides[name] if overrides and name in overrides else self.source.read(name)
