@@ -8,7 +8,9 @@ quantized layer to make the next layer's inputs → free it. Peak memory is one 
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -76,6 +78,7 @@ class RunOptions:
     allow_pickle: bool = False
     revision: str | None = None
     resume: bool = False  # continue an interrupted run after its last finished layer (qconv.resume)
+    offload_activations: str | None = None  # folder for the calibration activations (disk instead of memory)
 
 
 def resolve_dtype(name: str, source: TensorSource) -> torch.dtype:
@@ -176,7 +179,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         hidden = None
         if method.needs_calibration:
             calib, _tok = calibration_for(source, cfg, reporter)
-            hidden = runner.embed(calib.tokens).to("cpu" if device.type == "cpu" else device)
+            hidden = embed_all(runner, calib.tokens, device, run.offload_activations, run.batch_size)
         provenance = {"qconv": __version__, "method": cfg.method, "calibration": calib.describe() if calib else None,
                       "importance": importance if isinstance(importance, str) else "imatrix file",
                       "act_order": bool(cfg.method_options.get("act_order"))}  # fmt: skip
@@ -188,7 +191,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         if first:
             reporter.log(f"resuming after layer {first - 1} from {store.dir}")
             if hidden is not None and first < source.num_layers:
-                hidden = store.load_hidden(first - 1).to(hidden.device, hidden.dtype)
+                store.load_hidden_into(first - 1, hidden)
         writer.begin(plan, ctx)
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
@@ -313,6 +316,31 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         "files": sorted(set(files)),
         "qconv_version": __version__,
     }
+
+
+def embed_all(runner: LayerRunner, tokens: torch.Tensor, device: torch.device, offload: str | None, batch: int):
+    """Calibration activations [N, T, H] entering layer 0: on the compute device, or with ``offload`` in a file in
+    that folder, memory-mapped (the OS pages it; only the micro-batch being run is resident). The file is unlinked
+    once mapped, so it vanishes with the process however the run ends."""
+    if offload is None:
+        return runner.embed(tokens).to("cpu" if device.type == "cpu" else device)
+    folder = Path(offload)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="qconv-activations-", suffix=".bin", dir=folder)
+    except OSError as e:
+        raise InputError(f"--offload-activations {offload}: cannot create a file there ({e.strerror})") from None
+    os.close(fd)
+    n, t = tokens.shape
+    width = runner.embed_weight().shape[1]
+    numel = n * t * width
+    try:
+        hidden = torch.from_file(name, shared=True, size=numel, dtype=runner.dtype).view(n, t, width)
+    finally:
+        os.unlink(name)
+    for b in range(0, n, batch):
+        hidden[b : b + batch] = runner.embed(tokens[b : b + batch]).to("cpu", runner.dtype)
+    return hidden
 
 
 def stats_row(qt) -> dict:

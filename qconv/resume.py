@@ -160,8 +160,20 @@ class ResumeStore:
         desc = encode(writes, "w", tensors)
         _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
         if hidden is not None:
-            _save_atomic(self.dir / "hidden.safetensors", {"hidden": hidden.detach().cpu().contiguous()}, {"layer": i})
+            self._save_hidden(hidden, i)
         self._write_state(i, temp_output)
+
+    def _save_hidden(self, hidden: torch.Tensor, layer: int, rows: int = 8) -> None:
+        """Raw bytes written a few samples at a time (activations may be a memory-mapped file larger than RAM),
+        then a small JSON header: renamed into place in that order, so a header always describes whole data."""
+        tmp = self.dir / "hidden.bin.tmp"
+        with open(tmp, "wb") as f:
+            for b in range(0, hidden.shape[0], rows):
+                f.write(hidden[b : b + rows].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, self.dir / "hidden.bin")
+        head = {"layer": layer, "shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch.")}
+        (self.dir / "hidden.json.tmp").write_text(json.dumps(head))
+        os.replace(self.dir / "hidden.json.tmp", self.dir / "hidden.json")
 
     def load_layer(self, i: int) -> list:
         p = self.dir / f"layer-{i:05d}.safetensors"
@@ -171,12 +183,20 @@ class ResumeStore:
             raise InputError(f"{p}: unreadable resume checkpoint ({e}); run without --resume to start over") from None
         return decode(meta["writes"], tensors)
 
-    def load_hidden(self, layer: int) -> torch.Tensor:
-        p = self.dir / "hidden.safetensors"
-        tensors, meta = _load(p)
-        if meta.get("layer") != layer:
-            raise InputError(f"{p}: activations are from layer {meta.get('layer')}, expected {layer}")
-        return tensors["hidden"]
+    def load_hidden_into(self, layer: int, hidden: torch.Tensor, rows: int = 8) -> None:
+        """Copy the activations saved after ``layer`` into ``hidden`` (same shape and dtype), a few rows at a time."""
+        p = self.dir / "hidden.json"
+        try:
+            head = json.loads(p.read_text())
+        except (OSError, ValueError):
+            head = {}
+        dtype = str(hidden.dtype).removeprefix("torch.")
+        if head.get("layer") != layer or head.get("shape") != list(hidden.shape) or head.get("dtype") != dtype:
+            raise InputError(f"{p}: saved activations do not match layer {layer}; run without --resume to start over")
+        saved = torch.from_file(str(self.dir / "hidden.bin"), shared=False, size=hidden.numel(), dtype=hidden.dtype)
+        saved = saved.view(hidden.shape)
+        for b in range(0, hidden.shape[0], rows):
+            hidden[b : b + rows] = saved[b : b + rows].to(hidden.device)
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

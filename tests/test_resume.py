@@ -123,3 +123,16 @@ def test_value_encoding_round_trip():
     ((kind, name, back, stats),) = decode(desc, tensors)
     assert back.grid == qt.grid and torch.equal(back.codes, qt.codes) and torch.equal(back.scales, qt.scales)
     assert back.stats == qt.stats
+
+
+@pytest.mark.slow
+def test_offloaded_activations_give_the_same_artifact(cli, deep_tiny, tmp_path):
+    """--offload-activations only moves where activations live: the bytes written are the same."""
+    outs = []
+    for name, extra in (("mem", []), ("disk", ["--offload-activations", str(tmp_path / "acts")])):
+        out = tmp_path / name
+        r = cli(*quantize_args(deep_tiny, out, "safetensors", *extra))
+        assert r.code == 0, r.stderr
+        outs.append(artifact_files(out))
+    assert outs[0] == outs[1]
+    assert list((tmp_path / "acts").iterdir()) == [], "the mapped file is unlinked"
