@@ -377,7 +377,145 @@ def suite_methods(out: Path, chunks: int) -> str:
     )
 
 
-SUITES = {"spine": suite_spine, "gguf": suite_gguf, "gguf-speed": suite_gguf_speed, "methods": suite_methods}
+LLMC_VENV = Path(os.environ.get("QCONV_BENCH_LLMC_VENV", REPO / "bench-out" / "llmc-venv"))
+
+
+def _llmc_python() -> Path:
+    """llm-compressor in a virtual environment of its own: it pins transformers/compressed-tensors releases other
+    than qconv's. Created on first use (torch pinned to the same CPU build through constraints.txt)."""
+    py = LLMC_VENV / "bin" / "python"
+    if not (LLMC_VENV / ".ready").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), "torch==2.13.0",
+                        "llmcompressor"], check=True)  # fmt: skip
+        (LLMC_VENV / ".ready").write_text("ok\n")
+    return py
+
+
+def suite_llmcompressor(out: Path, chunks: int) -> str:
+    """Issue #4's anchor: llm-compressor's GPTQ and AWQ vs qconv's on the same model, grid and calibration tokens,
+    on this machine's CPU (wall time and quality)."""
+    base = _dithered_smollm2(out)
+    d = out / "llmc"
+    d.mkdir(exist_ok=True)
+    text = WIKITEXT / "wiki.test.raw"
+    calib = ["--calib", str(WIKITEXT / "wiki.valid.raw"), "--calib-samples", "128", "--calib-seqlen", "512"]
+    # the very token ids qconv calibrates on, handed to llm-compressor
+    tokens = d / "calib-tokens.json"
+    subprocess.run([sys.executable, "-c", (
+        "import json, sys, transformers; from qconv.calibration import build_calibration; "
+        f"tok = transformers.AutoTokenizer.from_pretrained({str(base)!r}); "
+        f"c = build_calibration({str(WIKITEXT / 'wiki.valid.raw')!r}, tok, 128, 512, 0, None); "
+        f"json.dump(c.tokens.tolist(), open({str(tokens)!r}, 'w'))")], check=True)  # fmt: skip
+    py = _llmc_python()
+
+    def evaluate(path: Path) -> dict:
+        return _json(run_isolated([*QCONV, "eval", str(path), "--base", str(base), "--text", str(text), "--chunks",
+                                   str(chunks), "--json", "-q", *EVAL_ARGS]))  # fmt: skip
+
+    rows = []
+    cmds = []
+    for method in ("gptq", "awq"):
+        lpath = d / f"llmc-{method}"
+        lq = run_isolated([str(py), str(REPO / "bench" / "llmc_anchor.py"), str(base), str(tokens), str(lpath),
+                           "--method", method, "--group-size", "64"])  # fmt: skip
+        le = evaluate(lpath)
+        qpath = d / f"qconv-{method}"
+        qq = run_isolated([*QCONV, "quantize", str(base), "--method", method, "--bits", "4", "--group-size", "64",
+                           "--asym", *calib, "--out", str(qpath), "--force", "-q", "--json", *QUANT_ARGS])  # fmt: skip
+        qe = evaluate(qpath)
+        for who, q, e in (("llm-compressor", lq, le), ("qconv", qq, qe)):
+            rows.append(f"| {method.upper()} | {who} | {q['wall_s']:.0f} | {q['peak_rss_mib']:.0f} | {e['ppl']:.3f} | "
+                        f"{e['kld_mean']:.5f} | {e['top1_agreement'] * 100:.1f} % |")  # fmt: skip
+        rows.append(f"| {method.upper()} | **qconv ÷ llm-compressor** | {qq['wall_s'] / lq['wall_s']:.2f}× | | | "
+                    f"{qe['kld_mean'] / le['kld_mean']:.3f}× | |")  # fmt: skip
+        cmds += [lq["cmd"], qq["cmd"]]
+    return "\n".join(
+        [
+            "## llm-compressor anchor (#4): GPTQ and AWQ, w4g64 asymmetric, CPU",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `python bench/run.py --suite "
+            "llmcompressor` (llm-compressor runs in its own venv, `bench-out/llmc-venv`: it pins transformers ≤ 5.17 "
+            "and compressed-tensors 0.19).",
+            "Model: dithered SmolLM2-135M (bf16). Calibration: the same 128 × 512 token ids of WikiText-2 validation "
+            "for both tools (qconv's sampler, handed to llm-compressor as a dataset). Eval: `qconv eval`, "
+            f"WikiText-2 test, {chunks} chunks × 512, KLD against the base. Wall time is the whole command "
+            "(process start, model load, calibration, quantization, save). Targets: KLD ≤ llm-compressor's, wall "
+            "≤ 0.5×.",
+            "",
+            "| method | tool | wall s | peak RSS MiB | ppl | mean KLD | top-1 |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            "Commands:",
+            "",
+            "```",
+            *[c.replace(str(REPO) + "/", "") for c in cmds],
+            "```",
+        ]
+    )
+
+
+def suite_bigmodel(out: Path, chunks: int) -> str:
+    """Issue #7: a synthetic llama larger than this machine's RAM converts with bounded peak RSS."""
+    from qconv.testing import make_synthetic_llama
+
+    synth = Path(os.environ.get("QCONV_BENCH_BIG_DIR", out / "synthetic-28gb"))
+    shape = dict(hidden=5120, intermediate=13824, layers=50, heads=40, kv_heads=8, vocab=32000)
+    if not (synth / "config.json").exists():
+        make_synthetic_llama(synth, **shape)
+    size_gb = sum(p.stat().st_size for p in synth.glob("*.safetensors")) / 1e9
+    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    jobs = [("compressed-tensors RTN w4g128", ["--bits", "4", "--group-size", "128"], "w4g128")]
+    if os.environ.get("QCONV_BENCH_BIG_GGUF", "1") == "1":
+        jobs.append(("GGUF Q4_K_M", ["--format", "gguf", "--gguf-type", "Q4_K_M"], "q4km.gguf"))
+    rows = []
+    cmds = []
+    for label, args, name in jobs:
+        dest = out / f"big-{name}"
+        r = run_isolated([*QCONV, "quantize", str(synth), *args, "--out", str(dest), "--force", "--quiet", "--json"])
+        summ = json.loads(r["stdout"].strip().splitlines()[-1])
+        rows.append(
+            f"| {label} | {r['wall_s']:.0f} | {r['wall_s'] / shape['layers']:.1f} | {r['peak_rss_mib']:.0f} | "
+            f"{summ['artifact_bytes'] / 2**30:.2f} | {'met' if r['peak_rss_mib'] < 3 * 1024 else 'NOT met'} |"
+        )
+        cmds.append(r["cmd"].replace(str(REPO) + "/", ""))
+        for p in [dest] if dest.is_file() else sorted(dest.glob("*")):
+            p.unlink()  # the disk holds the input and one output at a time
+        if dest.is_dir():
+            dest.rmdir()
+    return "\n".join(
+        [
+            "## Bounded memory (#7): a checkpoint larger than RAM",
+            "",
+            f"Machine: {machine()} ({ram_gib:.1f} GiB RAM). Date: {date.today().isoformat()}. "
+            "Command: `python bench/run.py --suite bigmodel`.",
+            f"Model: synthetic llama, random bf16 weights, {size_gb:.1f} GB on disk (hidden {shape['hidden']}, "
+            f"intermediate {shape['intermediate']}, {shape['layers']} layers, "
+            f"GQA {shape['heads']}/{shape['kv_heads']}, "
+            f"vocab {shape['vocab']}), generated by `qconv.testing.make_synthetic_llama`. Target: peak RSS < 3 GiB.",
+            "",
+            "| job | wall s | s/layer | peak RSS MiB | artifact GiB | RSS target |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
+            *rows,
+            "",
+            "Commands:",
+            "",
+            "```",
+            *cmds,
+            "```",
+        ]
+    )
+
+
+SUITES = {
+    "spine": suite_spine,
+    "bigmodel": suite_bigmodel,
+    "gguf": suite_gguf,
+    "gguf-speed": suite_gguf_speed,
+    "methods": suite_methods,
+    "llmcompressor": suite_llmcompressor,
+}
 
 
 def main() -> None:

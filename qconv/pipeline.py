@@ -225,7 +225,11 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 for kind, name, value, stats in store.load_layer(i):
                     put(kind, name, value, stats)
                 advance(1, f"layer {i} (resumed)")
+            layer_seconds: list[float] = []
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             for i in range(first, source.num_layers):
+                t_layer = time.perf_counter()
                 log: list = []
                 # Without calibration the layer only carries weights: keep them in their stored precision.
                 layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
@@ -263,6 +267,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 store.save_layer(i, log, None if last else hidden, output.path)
                 del layer, lctx, qts, log
                 trim()
+                layer_seconds.append(time.perf_counter() - t_layer)
                 advance(1, f"layer {i}")
         write_other(a.final_norm)
         if not source.tied:
@@ -312,6 +317,9 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         "artifact_bytes": manifest["summary"]["artifact_bytes"],
         "seconds": round(seconds, 2),
         "verify_seconds": round(verifier.seconds, 3),
+        # per decoder layer computed in this run (wall, including calibration passes, packing and writing)
+        "layer_seconds": round(sum(layer_seconds) / len(layer_seconds), 3) if layer_seconds else None,
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
         "eval": eval_result,
         "files": sorted(set(files)),
         "qconv_version": __version__,
