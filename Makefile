@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 DEMO_OUT ?= demo-out/smollm2-135m-w4g64
 
-.PHONY: help setup test test-fast demo bench lint gpu-test clean
+.PHONY: help setup test test-fast demo bench bench-kernels lint gpu-test clean
 
 help:
 	@echo "make setup      create $(VENV), install qconv editable with test+gpu extras (torch pinned: constraints.txt)"
@@ -32,6 +32,9 @@ demo:
 
 bench:
 	$(BIN)/python bench/run.py
+
+bench-kernels:  # GPU: W4A16 matmul vs bf16 F.linear and torch's int4 (tinygemm); tables into $(OUT) or bench-out
+	$(BIN)/python bench/kernels_matmul.py --asym
 
 lint:
 	$(BIN)/ruff check qconv formats kernels tests bench

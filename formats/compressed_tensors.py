@@ -331,3 +331,12 @@ def _register(*schemes: CTScheme) -> None:
     for sch in schemes:
         SCHEMES[sch.scheme] = sch
     CompressedTensorsWriter.schemes = tuple(SCHEMES)
+
+
+from qconv.formats import ct_fp4 as _ct_fp4  # noqa: E402  (it subclasses CTScheme; registers itself when imported first)
+
+_register(*getattr(_ct_fp4, "SCHEMES", ()))
+
+from qconv.formats import ct_fp8 as _ct_fp8  # noqa: E402  (subclasses CTScheme)
+
+_register(*getattr(_ct_fp8, "SCHEMES", ()))

@@ -55,6 +55,7 @@ class GGUFFormat(FormatWriter):
     name = "gguf"
     description = "llama.cpp GGUF (llama-quantize's type mixes; loads in llama.cpp unchanged)"
     is_file = True
+    schemes = ("int", "mxfp4")  # mxfp4: the method's linears become GGML MXFP4 blocks
 
     def __init__(
         self,
@@ -122,6 +123,8 @@ class GGUFFormat(FormatWriter):
         a = source.adapter
         ignored: list[str] = []
         overrides = list(self.mix_options.overrides)
+        if req.scheme == "mxfp4":  # after the user's --tensor-type rules: the decoder linears in MXFP4
+            overrides.append((r"^blk\.\d+\.(attn_(q|k|v|output)|ffn_(gate|up|down))\.weight$", GGMLType.MXFP4))
         for hf, g in self._names.items():
             module = hf.removesuffix(".weight")
             if (

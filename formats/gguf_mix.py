@@ -45,7 +45,7 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FLOAT_TYPES = (T.F32, T.F16, T.BF16)
 # types a tensor may be given explicitly (--tensor-type, --output-tensor-type, --token-embedding-type)
 TENSOR_TYPES = {t.name: t for t in (*FLOAT_TYPES, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K,
-                                    T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)}  # fmt: skip
+                                    T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.MXFP4)}  # fmt: skip
 
 # When a row does not divide the block size: K and IQ types fall back to a 32-block type, then F16.
 _FALLBACK = {T.IQ4_XS: T.IQ4_NL, T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}

@@ -15,7 +15,22 @@ from dataclasses import dataclass, field
 import torch
 
 from qconv.errors import VerificationError
-from qconv.kernels import ct_int
+from qconv.kernels import (
+    awq,
+    bnb4,
+    ct_int,
+    fp8,
+    ggml,
+    gptq,
+    hqq,
+    mx,
+    triton_awq,
+    triton_bnb4,
+    triton_fp8,
+    triton_gptq,
+    triton_hqq,
+    triton_mx,
+)
 from qconv.kernels._triton import HAVE_TRITON, kernel_device_ok
 
 MODES = ("auto", "kernel", "reference", "off")
@@ -34,7 +49,14 @@ def _ggml_reference(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -
 
 LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor] | None]] = {
     "ct-int": (ct_int.dequant_reference, ct_int.dequant_triton),
-    "ggml": (_ggml_reference, None),
+    "ggml": (_ggml_reference, ggml.dequant_triton),
+    "gptq": (gptq.dequant_reference, triton_gptq.dequant_triton),
+    "awq": (awq.dequant_reference, triton_awq.dequant_triton),
+    "hqq": (hqq.dequant_reference, triton_hqq.dequant_triton),
+    "ct-fp4": (mx.ct_fp4_reference, triton_mx.ct_fp4_triton),
+    "gptoss-mxfp4": (mx.gptoss_reference, triton_mx.gptoss_triton),
+    "bnb4": (bnb4.dequant_reference, triton_bnb4.dequant_triton),
+    "fp8": (fp8.dequant_reference, triton_fp8.dequant_triton),
 }
 
 

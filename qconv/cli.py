@@ -125,6 +125,13 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration samples per forward pass.")
 @click.option(
+    "--offload-activations",
+    default=None,
+    metavar="DIR",
+    type=click.Path(file_okay=False),
+    help="Keep calibration activations in a memory-mapped file in DIR instead of memory (very large models).",
+)
+@click.option(
     "--verify",
     type=click.Choice(["auto", "kernel", "reference", "off"]),
     default="auto",
@@ -195,7 +202,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
-             calib_seqlen, seed, no_calib, dtype, device, batch_size, verify, max_shard_size, imatrix, gguf_type, pure,
+             calib_seqlen, seed, no_calib, dtype, device, batch_size, offload_activations, verify, max_shard_size,
+             imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
              damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, resume,
              allow_pickle, revision, quiet, as_json):  # fmt: skip
@@ -239,7 +247,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             }  # fmt: skip
         run = RunOptions(device=device, batch_size=batch_size, verify=verify,
                          max_shard_bytes=parse_size(max_shard_size), force=force, allow_pickle=allow_pickle,
-                         revision=revision, resume=resume)  # fmt: skip
+                         revision=revision, resume=resume, offload_activations=offload_activations)  # fmt: skip
         eval_fn = None
         if do_eval:
 
@@ -430,6 +438,67 @@ def convert_cmd(model, out, dtype, force, quiet):
             click.echo(f"wrote {path}", err=True)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
         _fail(e, False)
+
+
+EPILOG_BATCH = """\b
+JOBS is a YAML list of jobs (or a mapping with `defaults:` and `jobs:`), or a CSV with one column per field:
+  model, output (required); name, method, format, bits, group_size, sym, clip, ignore, calib, calib_samples, …,
+  gguf_type, …, options (--opt KEY=VALUE settings), eval, device, cpus, gpus. Relative paths are relative to
+  the job file. A job whose artifact's manifest records the same settings, qconv version and input files is
+  skipped; a changed one is re-run into a temporary output that replaces the old one when it succeeds.
+\b
+Examples:
+  qconv batch zoo.yaml --jobs 2
+  qconv batch zoo.csv --ray auto --json > summary.json
+"""
+
+
+@main.command("batch", epilog=EPILOG_BATCH)
+@click.argument("jobs_file", metavar="JOBS")
+@click.option("--jobs", "-j", "workers", type=int, default=None, help="Jobs run at once (default: 1; with --ray: all).")
+@click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+              help="Run each job as a task on the Ray cluster at ADDRESS (host:port, ray://…, auto, or local), "
+              "with the job's cpus/gpus as its resources.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Re-run every job, replacing whatever is at its output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output and no summary table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the batch summary (every job's result) as JSON on stdout.")
+def batch_cmd(jobs_file, workers, ray_address, force, quiet, as_json):
+    """Run every conversion job in JOBS (a .yaml or .csv file); exit 1 if any job failed, 2 for a bad job file."""
+    try:
+        from qconv.batch import run_batch
+
+        summary = run_batch(jobs_file, workers, ray_address, force, quiet)
+        if as_json:
+            click.echo(json.dumps(summary))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, as_json)
+    sys.exit(summary["exit_code"])
+
+
+@main.command("verify")
+@click.argument("artifact")
+@click.option("--base", required=True, help="The unquantized model to compare against.")
+@click.option("--text", "text_path", type=click.Path(), default=None, help="Text file (default: bundled eval text).")
+@click.option("--chunks", type=int, default=8, show_default=True, help="Number of chunks.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True, help="Activations: bfloat16 or float16.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Chunks per forward pass.")
+@click.option("--no-cache", is_flag=True, help="Recompute the base model's outputs even if cached.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON on stdout.")
+def verify_cmd(artifact, base, text_path, chunks, ctx, device, dtype, batch_size, no_cache, quiet, as_json):
+    """Run a 4-bit compressed-tensors ARTIFACT through the fused W4A16 Triton kernel (QuantLinear): logits
+    agreement with its dequantized reference, and KL divergence / perplexity against --base."""
+    try:
+        from qconv.progress import Reporter
+        from qconv.verify_artifact import format_report, verify_artifact
+
+        r = verify_artifact(artifact, base, text_path, chunks, ctx, device, dtype, batch_size, Reporter(quiet=quiet),
+                            use_cache=not no_cache)  # fmt: skip
+        click.echo(json.dumps(r) if as_json else format_report(r))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, as_json)
 
 
 if __name__ == "__main__":

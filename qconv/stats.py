@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-KINDS = ("abs_mean", "sq_mean", "xtx", "sample")
+KINDS = ("abs_mean", "sq_mean", "xtx", "sample", "abs_max")
 SAMPLE_ROWS = 4096
 SAMPLE_STRIDE = 8
 
@@ -32,6 +32,7 @@ class LinearStats:
     abs_sum: torch.Tensor | None = None
     sq_sum: torch.Tensor | None = None
     xtx: torch.Tensor | None = None
+    abs_max: torch.Tensor | None = None  # float32 [in]: largest |x| per input column (static activation scales)
     extra: dict = field(default_factory=dict)
 
     def update(self, x: torch.Tensor) -> None:
@@ -43,9 +44,12 @@ class LinearStats:
         if "sq_mean" in self.kinds:
             s = x.square().sum(0)
             self.sq_sum = s if self.sq_sum is None else self.sq_sum.add_(s)
+        if "abs_max" in self.kinds:
+            m = x.abs().amax(0)
+            self.abs_max = m if self.abs_max is None else torch.maximum(self.abs_max, m)
         if "xtx" in self.kinds:
-            s = x.T @ x
-            self.xtx = s if self.xtx is None else self.xtx.add_(s)
+            # accumulate in place: no second [in, in] temporary per batch
+            self.xtx = x.T @ x if self.xtx is None else self.xtx.addmm_(x.T, x)
         if "sample" in self.kinds:
             rows = self.extra.setdefault("sample", [])
             have = sum(r.shape[0] for r in rows)

@@ -167,3 +167,16 @@ def test_calibrated_methods_gguf_runs_in_llama_cpp(cli, tokenizer_files, tmp_pat
     kl = (ours.log_softmax(-1).exp() * (ours.log_softmax(-1) - theirs.log_softmax(-1))).sum(-1)
     # llama.cpp quantizes activations to 8 bits for its CPU dot products: close, not identical (see test_gguf_e2e)
     assert float(kl.mean()) < 0.05
+
+
+def test_wide_hessians_factor_in_float32(monkeypatch):
+    """Past FLOAT64_MAX_DIM inputs the factorisation runs in float32 (memory): same factor on a benign Hessian."""
+    import qconv.quant.gptq as g
+
+    x = torch.randn(512, 96, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x / 512
+    u64, d64 = g.inverse_hessian_factor(h, 0.01, 1.0)
+    monkeypatch.setattr(g, "FLOAT64_MAX_DIM", 0)
+    u32, d32 = g.inverse_hessian_factor(h, 0.01, 1.0)
+    assert d32 == d64 and u32.dtype == torch.float32
+    torch.testing.assert_close(u32, u64, rtol=1e-3, atol=1e-4)

@@ -39,8 +39,10 @@ class GPTQ(Method):
         for group in (g.linears for g in ctx.sequential_groups()):
             # One Hessian per group: its linears read the same input.
             stats = ctx.collect({group[0]: {"xtx"}})
-            tokens = stats[group[0]].count
-            h = stats[group[0]].hessian
+            st = stats.pop(group[0])
+            tokens = st.count
+            h = st.xtx.div_(max(tokens, 1))  # the Hessian XᵀX/n, in place: one [in, in] copy fewer
+            st.xtx = None
             for name in group:
                 grid = ctx.grids[name]
                 w = ctx.weight(name)
@@ -58,5 +60,5 @@ class GPTQ(Method):
                 # Later groups must see this linear as loaders will compute it.
                 ctx.set_weight(name, qt.dequantize())
                 out[name] = qt
-            del h, stats
+            del h, st, stats
         return out

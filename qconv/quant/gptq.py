@@ -44,24 +44,38 @@ class GPTQInfo:
     weighted_error: float
 
 
+FLOAT64_MAX_DIM = 16384
+
+
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = Uᵀ U), λ = damp · mean(diag H).
 
-    Computed in float64: float32 Cholesky of large, nearly singular Hessians fails or loses the small pivots GPTQ
-    divides by. Returns (U float32 [in, in], the damp used). Raises ValueError if even ``max_damp`` fails.
+    Computed in float64 up to FLOAT64_MAX_DIM inputs: float32 Cholesky of large, nearly singular Hessians fails or
+    loses the small pivots GPTQ divides by. Wider Hessians (a 28672-wide down_proj: 6.6 GB per float64 copy) use
+    float32, as the reference GPTQ implementations do everywhere, with the same automatic damp raising.
+    Returns (U float32 [in, in], the damp used). Raises ValueError if even ``max_damp`` fails.
     """
-    h64 = h.double()
-    mean_diag = float(h64.diagonal().mean()) if h64.numel() else 1.0
+    work = torch.float64 if h.shape[0] <= FLOAT64_MAX_DIM else torch.float32
+    mean_diag = float(h.diagonal().double().mean()) if h.numel() else 1.0
     mean_diag = mean_diag if mean_diag > 0 else 1.0
     d = damp
-    eye = torch.eye(h64.shape[0], dtype=torch.float64, device=h.device)
     while True:
-        low, info = torch.linalg.cholesky_ex(h64 + (d * mean_diag) * eye)
+        # At most two [in, in] float64 matrices live at once (a 28672-wide down_proj: 6.6 GB each): every step
+        # drops its input before the next allocates.
+        a = h.to(work, copy=True)
+        a.diagonal().add_(d * mean_diag)
+        low, info = torch.linalg.cholesky_ex(a)
+        del a
         if int(info) == 0:
             hinv = torch.cholesky_inverse(low)
+            del low
             u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if int(info2) == 0 and bool(torch.isfinite(u).all()):
                 return u.float(), d
+            del u
+        else:
+            del low
         if d >= max_damp:
             raise ValueError(f"Hessian not positive definite even with damp {d:g}")
         d = min(d * 10, max_damp)

@@ -1,0 +1,269 @@
+"""kernels/w4a16.py, kernels/quant_linear.py and `qconv verify`: the fused W4A16 matmul equals x @ dequant(W)ᵀ
+computed in float64 from the compressed-tensors reference dequantizer, for every variant (sym/asym, g64/g128,
+act-order g_idx that sorts into static groups, arbitrary g_idx, per-channel, odd N and K, M ∈ {1, 3, 17, 64}).
+
+Kernels run on CPU under Triton's interpreter (``triton``-marked, small shapes) and on CUDA (``gpu``-marked, model
+shapes). TRITON_INTERPRET is set before triton is imported and around this module's tests only (see
+tests/test_kernels_ct_int.py for why).
+
+Tolerance, per output element: |y − ref| ≤ ulp(ref) + 2e-4·S, S = Σ_k |x_k·w_k| (float64):
+- ulp(ref) (in the output dtype): the kernel rounds its float32 accumulator once; the interpreter rounds
+  float32 → bfloat16 by truncation (up to one ulp), the GPU to nearest (half an ulp);
+- 2e-4·S: float32 accumulation in another order (per K tile on the tensor cores, then scaled by the group's
+  scale), ≈ 2^-24 × K relative to S at worst, ≪ 2e-4 for these K.
+The per-column-group path (arbitrary g_idx) and the dequantize + matmul path round each weight to the activation
+dtype before the product, as loaders do: there the S term is 2^-8 (half a bfloat16 ulp per weight).
+A wrong scale, zero point, group or column moves an element by O(S / √K) ≫ 2e-4·S, so these tests can fail.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch  # noqa: E402
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+if not torch.cuda.is_available():
+    # must precede every triton import; where a GPU is present triton imports normally (the device's triton fails
+    # to import in interpreter mode) and the interpreter tests switch it on at launch (lazy_jit)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+from qconv.formats.bitpack import pack_rows  # noqa: E402
+from qconv.kernels import ct_int, w4a16  # noqa: E402
+from qconv.kernels._triton import HAVE_TRITON  # noqa: E402
+from qconv.kernels.quant_linear import QuantLinear  # noqa: E402
+
+
+def _restore_interpret() -> None:
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+_restore_interpret()
+
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install 'qconv[gpu]')")
+# Triton 3.6 (the lent H100's) cannot interpret a kernel in a process that imported triton compiled: its
+# triton.language helpers are compiled-mode JIT functions there. On a GPU the gpu-marked tests cover the kernel.
+needs_interpreter = pytest.mark.skipif(
+    torch.cuda.is_available() and _PREVIOUS_INTERPRET != "1",
+    reason="a CUDA process imports triton compiled; the interpreter tests run where there is no GPU",
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def interpreted():
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        _restore_interpret()
+
+
+def ct_tensors(n, k, group, symmetric, gidx_kind, seed, device="cpu"):
+    """Random compressed-tensors int4 tensors (keywords of ct_int.dequant_reference). gidx_kind: None, "actorder"
+    (a column permutation of static groups, as GPTQ act-order writes), "random" (any column → group map)."""
+    g = torch.Generator().manual_seed(seed)
+    gs = k if group == -1 else group
+    n_groups = -(-k // gs)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, n_groups, generator=g) * 0.02 + 0.002) * torch.where(
+        torch.rand(n, n_groups, generator=g) < 0.5, -1.0, 1.0
+    )
+    zero_packed = None
+    if not symmetric:
+        zero_packed = pack_rows(torch.randint(0, 16, (n, n_groups), generator=g).T.contiguous(), 4).T.contiguous()
+    gidx = None
+    if gidx_kind == "actorder":
+        gidx = (torch.arange(k) // gs)[torch.argsort(torch.randperm(k, generator=g))].to(torch.int32)
+    elif gidx_kind == "random":
+        gidx = torch.randint(0, n_groups, (k,), generator=g, dtype=torch.int32)
+    args = {
+        "packed": pack_rows(codes, 4),
+        "scale": scale.to(torch.bfloat16),
+        "zero_packed": zero_packed,
+        "shape": (n, k),
+        "bits": 4,
+        "group_size": gs,
+        "g_idx": gidx,
+    }
+    return {key: (v.to(device) if isinstance(v, torch.Tensor) else v) for key, v in args.items()}
+
+
+def layout_of(args) -> w4a16.W4Layout:
+    return w4a16.from_ct(**{k: v for k, v in args.items() if k != "bits"})
+
+
+def assert_matches(y, x, w, lay: w4a16.W4Layout | None = None, cfg: w4a16.Config | None = None):
+    """y ≈ x @ wᵀ within the module docstring's tolerance (w float32 exact weights)."""
+    rel = 2e-4 if lay is None or lay.g_idx is None else 2.0**-8
+    if cfg is not None and cfg.kind == "dequant":
+        rel = 2.0**-8
+    ref = x.double() @ w.double().T
+    s = x.double().abs() @ w.double().abs().T
+    ulp = torch.finfo(y.dtype).eps * ref.abs().clamp_min(torch.finfo(y.dtype).tiny)
+    err = (y.double() - ref).abs()
+    bad = err > ulp + rel * s
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements off; worst |Δ| {float(err.max()):.3g}"
+    assert torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout conversion and torch reference (no triton)
+
+
+@pytest.mark.parametrize(
+    "group, symmetric, gidx_kind",
+    [(64, True, None), (128, False, None), (64, False, "actorder"), (32, True, "random"), (-1, False, None),
+     (48, True, None)],
+)  # fmt: skip
+def test_layout_dequantizes_like_compressed_tensors(group, symmetric, gidx_kind):
+    args = ct_tensors(24, 384, group, symmetric, gidx_kind, seed=group)
+    lay = layout_of(args)
+    assert torch.equal(w4a16.dequantize(lay), ct_int.dequant_reference(**args))
+    if gidx_kind == "actorder":  # sorted into static groups: the kernel gathers x's columns instead
+        assert lay.perm is not None and lay.g_idx is None
+    if gidx_kind == "random" or group == 48:  # no static form: per-column group map
+        assert lay.g_idx is not None and lay.perm is None
+
+
+def test_quant_linear_reference_mode_is_f_linear():
+    args = ct_tensors(40, 256, 64, False, None, seed=3)
+    tensors = {
+        "weight_packed": args["packed"],
+        "weight_scale": args["scale"],
+        "weight_zero_point": args["zero_packed"],
+        "weight_shape": torch.tensor([40, 256]),
+    }
+    bias = torch.randn(40)
+    q = QuantLinear.from_ct(tensors, 64, bias, mode="reference")
+    x = torch.randn(2, 5, 256)
+    w = ct_int.dequant_reference(**args)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert q.kernel_calls == 0
+    with pytest.raises(RuntimeError, match="cannot run"):
+        QuantLinear(layout_of(args), mode="kernel")(x)  # float32 activations on CPU: no kernel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernel under the interpreter
+
+# (n, k, group, symmetric, gidx_kind, m): every variant meets M ∈ {1, 3, 17, 64}; n never a multiple of a tile
+CASES = [
+    (40, 128, 64, True, None, 1),
+    (72, 256, 128, False, None, 3),
+    (40, 256, 64, False, "actorder", 17),
+    (24, 256, 128, True, "actorder", 64),
+    (40, 192, 64, True, "random", 3),
+    (24, 200, -1, False, None, 1),  # per channel, K not a multiple of 16: per-column path with K masking
+    (40, 128, -1, True, None, 17),  # per channel, one group spanning K: static path
+    (72, 128, 128, True, None, 64),
+]
+
+
+@pytest.mark.triton
+@needs_triton
+@needs_interpreter
+@pytest.mark.parametrize("n, k, group, symmetric, gidx_kind, m", CASES)
+def test_kernel_matches_reference(interpreted, n, k, group, symmetric, gidx_kind, m):
+    args = ct_tensors(n, k, group, symmetric, gidx_kind, seed=n + k + m)
+    lay = layout_of(args)
+    w = ct_int.dequant_reference(**args)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * 0.5).to(torch.bfloat16)
+    cands = w4a16.candidates(m, lay, x.device, x.dtype)
+    # the first candidate (what tuning picks without a GPU), and the dequantize + matmul path
+    for cfg in [cands[0], w4a16.Config(64, 0, 128, kind="dequant")]:
+        assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+
+
+@pytest.mark.triton
+@needs_triton
+@needs_interpreter
+def test_kernel_split_k_and_float16(interpreted):
+    """Split-K partial tiles meet in float32 atomics; float16 activations use the 1024 + code offset."""
+    args = ct_tensors(40, 512, 64, False, None, seed=11)
+    lay = layout_of(args)
+    w = ct_int.dequant_reference(**args)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert_matches(w4a16.w4a16_matmul(x, lay, config=w4a16.Config(64, 16, 64, split_k=4)), x, w)
+    xh = x.to(torch.float16)
+    for cfg in w4a16.candidates(3, lay, xh.device, xh.dtype)[:1]:
+        assert_matches(w4a16.w4a16_matmul(xh, lay, config=cfg), xh, w)
+
+
+@pytest.mark.triton
+@needs_triton
+@needs_interpreter
+def test_quant_linear_kernel_mode_batched_with_bias(interpreted):
+    args = ct_tensors(40, 128, 64, True, "actorder", seed=5)
+    bias = torch.randn(40).to(torch.bfloat16)
+    q = QuantLinear(layout_of(args), bias, mode="kernel")
+    x = torch.randn(2, 3, 128).to(torch.bfloat16)
+    y = q(x)
+    assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16 and q.kernel_calls == 1
+    w = ct_int.dequant_reference(**args)
+    ref = (x.double() @ w.double().T + bias.double()).float()
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.triton
+@needs_triton
+@needs_interpreter
+@pytest.mark.slow
+def test_verify_command_runs_the_kernel(interpreted, cli, tmp_path, tokenizer_files):
+    """`qconv verify` on a tiny qwen2 (biases) artifact: every linear swapped, the kernel path agrees with the
+    dequantized reference, and a corrupted packed word is seen in the agreement figures."""
+    from conftest import tiny_model
+
+    base = tiny_model(tmp_path, "qwen2", tokenizer_files)
+    art = tmp_path / "art"
+    r = cli("quantize", base, "--out", art, "--bits", "4", "--group-size", "64", "--asym", "--no-calib",
+            "--dtype", "bfloat16", "--quiet")  # fmt: skip
+    assert r.code == 0, r.stderr
+    r = cli("verify", art, "--base", base, "--device", "cpu", "--chunks", "2", "--ctx", "32", "--no-cache", "--json")
+    assert r.code == 0, r.stderr
+    out = r.json()
+    assert out["swapped_linears"] == out["quantized_linears"] == 14
+    agree = out["kernel_vs_reference"]
+    assert agree["top1_agreement"] > 0.9 and agree["kld_mean"] < 1e-3 and agree["rel_l2"] < 0.05
+    assert out["kernel_vs_base"]["kld_mean"] > 0  # the quantization changed something
+
+    r = cli("verify", art, "--base", base, "--device", "cpu", "--dtype", "float32", "--chunks", "1", "--ctx", "32")
+    assert r.code == 2 and "float16 or bfloat16" in r.stderr
+
+
+def test_verify_rejects_a_model_that_is_not_compressed_tensors(cli, tmp_path, tokenizer_files):
+    from conftest import tiny_model
+
+    base = tiny_model(tmp_path, "llama", tokenizer_files)
+    r = cli("verify", base, "--base", base, "--device", "cpu", "--chunks", "1", "--ctx", "32")
+    assert r.code == 2 and "not a compressed-tensors artifact" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA (make gpu-test on the device)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("group, symmetric, gidx_kind", [(128, True, None), (128, False, None), (64, True, None),
+                                                         (64, False, "actorder"), (128, True, "random")])  # fmt: skip
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 200])
+def test_kernel_on_cuda(group, symmetric, gidx_kind, m):
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        n, k = 3000, 4096  # n not a multiple of any tile
+        args = ct_tensors(n, k, group, symmetric, gidx_kind, seed=m + group, device="cuda")
+        lay = layout_of(args)
+        w = ct_int.dequant_reference(**args)
+        x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
+        for cfg in w4a16.candidates(m, lay, x.device, x.dtype):
+            assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+        assert_matches(w4a16.w4a16_matmul(x, lay), x, w, lay)  # the tuned choice
+    finally:
+        _restore_interpret()
