@@ -296,6 +296,10 @@ class CompressedTensorsSource(TensorSource):
     def has(self, name: str) -> bool:
         return name in self._name_set
 
+    def quantized_modules(self) -> dict[str, tuple[CTScheme, dict, str]]:
+        """module name → (its scheme, its config group's weights args, the group's format)."""
+        return dict(self._modules)
+
     def packed(self, module: str) -> dict[str, torch.Tensor]:
         sch = self._modules[module][0]
         return {s: self.raw.read(f"{module}.{s}") for s in sch.suffixes if self.raw.has(f"{module}.{s}")}

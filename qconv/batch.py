@@ -583,20 +583,11 @@ def glob_escape(s: str) -> str:
 def effective_config(cfg) -> dict:
     """The ``config`` the pipeline records in the manifest for ``cfg`` (after it resolves --opt values against the
     method's and format's declarations and adjusts act-order for formats without g_idx), as JSON gives it back.
-    Mirrors qconv.pipeline._quantize: if the two drift, jobs re-run (the safe side), never skip wrongly."""
-    from qconv.formats.registry import WRITERS
-    from qconv.methods import METHODS
-    from qconv.options import resolve
+    The pipeline's own qconv.pipeline.effective_options decides it."""
+    from qconv.pipeline import effective_options
 
     cfg = copy.deepcopy(cfg)
-    method_cls, writer_cls = METHODS[cfg.method], WRITERS[cfg.format]
-    method_opts, _ = resolve(
-        cfg.opts, [(f"--method {cfg.method}", method_cls.options), (f"--format {cfg.format}", writer_cls.options)]
-    )
-    opts = {**cfg.method_options, **method_opts}
-    if opts.get("act_order") and not opts.get("static_groups") and not writer_cls.supports_g_idx:
-        opts["static_groups"] = True
-    cfg.method_options = opts
+    cfg.method_options = effective_options(cfg)[0]
     return json.loads(json.dumps(cfg.manifest()))
 
 

@@ -147,18 +147,13 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         raise InputError(f"--ignore {e.pattern!r}: not a valid regular expression ({e})") from None
     writer_cls = WRITERS[cfg.format]
     method_cls = METHODS[cfg.method]
-    method_opts, format_opts = resolve_options(
-        cfg.opts, [(f"--method {cfg.method}", method_cls.options), (f"--format {cfg.format}", writer_cls.options)]
-    )
+    opts, method_opts, format_opts, made_static = effective_options(cfg)
     verifier = Verifier(run.verify)
     output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
     writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options, **format_opts)
     try:
-        opts = cfg.method_options = {**cfg.method_options, **method_opts}
-        if opts.get("act_order") and not opts.get("static_groups") and not writer_cls.supports_g_idx:
-            # The format has no g_idx (compressed-tensors dropped actorder "group"): order the columns during
-            # quantization only, with group parameters fixed in natural order (actorder "weight").
-            opts = cfg.method_options = {**opts, "static_groups": True}
+        cfg.method_options = opts
+        if made_static:
             reporter.log(f"--act-order: {cfg.format} stores no g_idx, so groups are static (actorder 'weight')")
         g_idx = bool(opts.get("act_order")) and not opts.get("static_groups")
         req = GridRequest(
@@ -182,7 +177,9 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             hidden = embed_all(runner, calib.tokens, device, run.offload_activations, run.batch_size)
         provenance = {"qconv": __version__, "method": cfg.method, "calibration": calib.describe() if calib else None,
                       "importance": importance if isinstance(importance, str) else "imatrix file",
-                      "act_order": bool(cfg.method_options.get("act_order"))}  # fmt: skip
+                      "act_order": bool(cfg.method_options.get("act_order")),
+                      "static_groups": bool(cfg.method_options.get("static_groups")),
+                      "damp": cfg.method_options.get("damp")}  # fmt: skip
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
         store = ResumeStore(
             out, fingerprint(source.input_files, cfg.manifest(), __version__, calib.describe() if calib else None)
@@ -324,6 +321,23 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         "files": sorted(set(files)),
         "qconv_version": __version__,
     }
+
+
+def effective_options(cfg: QuantizeConfig) -> tuple[dict, dict, dict, bool]:
+    """What the run will use, without running it: (the method options after the method's --opt values are merged
+    in and act-order is adjusted, the method's --opt values, the format's --opt values, whether act-order was made
+    static). A format without g_idx (compressed-tensors dropped actorder "group") gets act-order with static groups:
+    the columns are ordered during quantization only, group parameters fixed in natural order (actorder "weight").
+    ``qconv batch`` compares finished artifacts against this."""
+    method_cls, writer_cls = METHODS[cfg.method], WRITERS[cfg.format]
+    method_opts, format_opts = resolve_options(
+        cfg.opts, [(f"--method {cfg.method}", method_cls.options), (f"--format {cfg.format}", writer_cls.options)]
+    )
+    opts = {**cfg.method_options, **method_opts}
+    made_static = bool(opts.get("act_order")) and not opts.get("static_groups") and not writer_cls.supports_g_idx
+    if made_static:
+        opts["static_groups"] = True
+    return opts, method_opts, format_opts, made_static
 
 
 def embed_all(runner: LayerRunner, tokens: torch.Tensor, device: torch.device, offload: str | None, batch: int):

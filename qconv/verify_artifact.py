@@ -31,7 +31,7 @@ def quantized_linears(src) -> dict[str, int | None]:
         raise InputError(f"{src.name}: not a compressed-tensors artifact (qconv verify runs 4-bit int pack-quantized)")
     out: dict[str, int | None] = {}
     # the reader's module table: module → (scheme, weights args, format)
-    for mod, (_sch, weights, fmt) in src._modules.items():
+    for mod, (_sch, weights, fmt) in src.quantized_modules().items():
         if fmt != "pack-quantized" or weights.get("type") != "int" or weights.get("num_bits") != 4:
             raise InputError(
                 f"{src.name}: {mod} is {weights.get('num_bits')}-bit {weights.get('type')} ({fmt}); "
