@@ -473,7 +473,9 @@ def suite_bigmodel(out: Path, chunks: int) -> str:
     cmds = []
     for label, args, name in jobs:
         dest = out / f"big-{name}"
-        r = run_isolated([*QCONV, "quantize", str(synth), *args, "--out", str(dest), "--force", "--quiet", "--json"])
+        # --no-checkpoint: resume checkpoints would need as much disk again as the output
+        r = run_isolated([*QCONV, "quantize", str(synth), *args, "--out", str(dest), "--force", "--quiet", "--json",
+                          "--no-checkpoint"])  # fmt: skip
         summ = json.loads(r["stdout"].strip().splitlines()[-1])
         rows.append(
             f"| {label} | {r['wall_s']:.0f} | {r['wall_s'] / shape['layers']:.1f} | {r['peak_rss_mib']:.0f} | "

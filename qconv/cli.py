@@ -197,6 +197,13 @@ def main() -> None:
     is_flag=True,
     help="Continue an interrupted run after its last finished layer (same inputs and settings required).",
 )
+@click.option(
+    "--checkpoint/--no-checkpoint",
+    default=True,
+    show_default=True,
+    help="Keep per-layer checkpoints next to the output while running, so --resume can continue an interrupted "
+    "run (they take about as much disk as the output and are removed on success).",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading .bin pickle checkpoints (weights-only mode).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
@@ -206,7 +213,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
              imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
              damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, resume,
-             allow_pickle, revision, quiet, as_json):  # fmt: skip
+             checkpoint, allow_pickle, revision, quiet, as_json):  # fmt: skip
     """Quantize MODEL and write it to --out."""
     try:
         if verify == "kernel" and not device.startswith("cuda"):
@@ -247,7 +254,8 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             }  # fmt: skip
         run = RunOptions(device=device, batch_size=batch_size, verify=verify,
                          max_shard_bytes=parse_size(max_shard_size), force=force, allow_pickle=allow_pickle,
-                         revision=revision, resume=resume, offload_activations=offload_activations)  # fmt: skip
+                         revision=revision, resume=resume, offload_activations=offload_activations,
+                         checkpoint=checkpoint)  # fmt: skip
         eval_fn = None
         if do_eval:
 

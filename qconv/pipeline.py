@@ -33,7 +33,7 @@ from qconv.model.runner import LayerRunner, compute_dtype
 from qconv.model.source import TensorSource, open_source
 from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
-from qconv.resume import ResumeStore, fingerprint
+from qconv.resume import NoCheckpoints, ResumeStore, fingerprint
 from qconv.stats import StatsCollector
 
 DEFAULT_IGNORE = ()  # embeddings, lm_head and norms are never candidates; --ignore adds linears
@@ -79,6 +79,7 @@ class RunOptions:
     revision: str | None = None
     resume: bool = False  # continue an interrupted run after its last finished layer (qconv.resume)
     offload_activations: str | None = None  # folder for the calibration activations (disk instead of memory)
+    checkpoint: bool = True  # keep per-layer checkpoints for --resume (they take about the output's size on disk)
 
 
 def resolve_dtype(name: str, source: TensorSource) -> torch.dtype:
@@ -181,8 +182,12 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                       "static_groups": bool(cfg.method_options.get("static_groups")),
                       "damp": cfg.method_options.get("damp")}  # fmt: skip
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
-        store = ResumeStore(
-            out, fingerprint(source.input_files, cfg.manifest(), __version__, calib.describe() if calib else None)
+        store = (
+            ResumeStore(
+                out, fingerprint(source.input_files, cfg.manifest(), __version__, calib.describe() if calib else None)
+            )
+            if run.checkpoint
+            else NoCheckpoints()
         )
         first = store.start(run.resume, output.path)
         if first:

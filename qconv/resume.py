@@ -108,6 +108,23 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, meta
 
 
+class NoCheckpoints:
+    """``--no-checkpoint``: the same interface, keeping nothing (a run that needs the disk space)."""
+
+    dir = None
+
+    def start(self, resume: bool, temp_output: Path) -> int:
+        if resume:
+            raise InputError("--resume needs checkpoints: drop --no-checkpoint")
+        return 0
+
+    def save_layer(self, i: int, writes: list, hidden, temp_output: Path) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
 class ResumeStore:
     """The checkpoint folder of one output. ``start`` decides where the run begins."""
 

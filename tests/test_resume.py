@@ -136,3 +136,13 @@ def test_offloaded_activations_give_the_same_artifact(cli, deep_tiny, tmp_path):
         outs.append(artifact_files(out))
     assert outs[0] == outs[1]
     assert list((tmp_path / "acts").iterdir()) == [], "the mapped file is unlinked"
+
+
+def test_no_checkpoint(cli, deep_tiny, tmp_path):
+    out = tmp_path / "model"
+    args = ["quantize", deep_tiny, "--out", out, "--bits", "4", "--group-size", "32", "--quiet", "--no-checkpoint"]
+    r = cli(*args, "--resume")
+    assert r.code == 2 and "--resume needs checkpoints" in r.stderr
+    r = cli(*args)
+    assert r.code == 0, r.stderr
+    assert not (tmp_path / ".model.qconv-resume").exists()
