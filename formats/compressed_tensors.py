@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def _weights_args(grid: IntGrid, actorder: bool, observer: str) -> dict:
     }
 
 
-class CTScheme:
+class CTScheme(ABC):
     """How one grid family (GridRequest.scheme) is stored in compressed-tensors: grid choice, tensors per linear,
     packing + verification, the config group, and dequantization on read. One instance per family in SCHEMES."""
 
@@ -90,23 +91,25 @@ class CTScheme:
     formats: tuple[str, ...] = ()  # the config groups' "format" values this family is read from
     suffixes: tuple[str, ...] = ()  # the tensor suffixes (after the module name) a packed linear has
 
+    @abstractmethod
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype):
-        raise NotImplementedError
+        """The grid this family stores ``name`` [out, in] on; InputError if it cannot store the request."""
 
+    @abstractmethod
     def specs(self, name: str, shape: tuple[int, int], grid) -> list[TensorSpec]:
-        raise NotImplementedError
+        """The tensors a quantized linear ``name`` becomes on disk."""
 
+    @abstractmethod
     def pack_verified(self, name: str, qt, verifier) -> dict[str, torch.Tensor]:
         """The tensors of one linear (suffix → tensor), checked by ``verifier`` against ``qt.dequantize``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def group(self, grid, ctx: WriteContext, observer: str) -> tuple[dict, str, dict | None]:
         """(weights args, config-group format, input_activations args or None) for a config group of ``grid``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dequantize(self, tensors: dict[str, torch.Tensor], weights: dict, fmt: str) -> torch.Tensor:
         """Read side: one linear's stored tensors + its config group → the weight in the scale's dtype."""
-        raise NotImplementedError
 
 
 class IntScheme(CTScheme):

@@ -7,8 +7,11 @@ Per quantized linear ``P`` (see qconv.kernels.hqq for the packing):
   P.scale, P.zero  compute dtype, [G, 1] (axis 1) or [1, G] (axis 0)
   P.shape          int64 [2];  P.nbits, P.group_size, P.axis  int32 scalars
   P.packing, P.unpack_view_dtype, P.compute_dtype  uint8 ASCII strings;  flags as uint8 scalars
-The loader is hqq's HQQLinear.load_state_dict (transformers ≤ 4.x calls it; transformers 5.x has not re-enabled
-pre-quantized HQQ loading). The reader here dequantizes them for qconv eval / convert / requantization.
+The key set and dtypes are exactly those of HQQLinear.state_dict() (encoded). The loader is HQQLinear itself: swap
+the linears for ``HQQLinear(None, None, initialize=False)`` and ``model.load_state_dict(sd)`` (its
+_load_from_state_dict takes its prefix's keys), as transformers ≤ 4.x did. transformers 5.x (checked: 5.23) has no
+pre-quantized HQQ path: from_pretrained reports these tensors as unexpected and leaves plain, randomly initialised
+Linears. The reader here dequantizes them for qconv eval / convert / requantization.
 """
 
 from __future__ import annotations
@@ -117,14 +120,16 @@ def kernel_args(t: dict[str, torch.Tensor]) -> dict:
 
 
 def quant_config(bits: int, group_size: int | None, axis: int) -> dict:
-    """hqq's BaseQuantizeConfig(nbits, group_size, axis) as a dict (what HqqConfig.quant_config holds)."""
+    """hqq's BaseQuantizeConfig(nbits, group_size, axis) as a dict (what HqqConfig.quant_config holds), with
+    round_zero false: qconv's zero points are floats (BaseQuantizeConfig rounds them for 4 bits), and the per-layer
+    flags written by hqq_tensors — what HQQLinear.load_state_dict takes as its quant_config — say the same."""
     return {
         "weight_quant_params": {
             "nbits": bits,
             "channel_wise": True,
             "group_size": group_size,
             "optimize": True,
-            "round_zero": bits == 4,
+            "round_zero": False,
             "axis": axis,
             "view_as_float": False,
         },

@@ -119,10 +119,10 @@ class NoCheckpoints:
         return 0
 
     def save_layer(self, i: int, writes: list, hidden, temp_output: Path) -> None:
-        pass
+        """Nothing is kept."""
 
     def discard(self) -> None:
-        pass
+        """Nothing to remove."""
 
 
 class ResumeStore:
