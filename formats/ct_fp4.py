@@ -87,6 +87,10 @@ class FP4Scheme(CTScheme):
         if weights.get("type") != "float" or weights.get("num_bits") != 4:
             raise InputError(f"{fmt}: expected 4-bit float weights, config says {weights.get('num_bits')}-bit "
                              f"{weights.get('type')}")  # fmt: skip
+        need = ("weight_packed", "weight_scale", *(("weight_global_scale",) if self.kind == "nvfp4" else ()))
+        missing = [s for s in need if s not in tensors]
+        if missing:
+            raise InputError(f"packed tensor {missing[0]!r} is missing")
         packed = tensors["weight_packed"]
         shape = (packed.shape[0], packed.shape[1] * 2)
         block = MX_OR_NV_BLOCK[self.kind]

@@ -73,6 +73,7 @@ class AtomicOutput:
         except OSError as e:
             raise InputError(f"{target}: cannot create its parent folder ({e.strerror})") from None
         self.is_dir = is_dir
+        self.force = force
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.qconv-tmp-", dir=parent))
         self.inputs = [Path(p).resolve() for p in inputs]
 
@@ -81,12 +82,17 @@ class AtomicOutput:
             _replace(self.path, self.target)
             os.chmod(self.target, 0o755)
             return self.target
-        for f in sorted(self.path.iterdir()):
+        files = sorted(self.path.iterdir())
+        # every destination is checked before the first rename: a split output names files beside the target
+        for f in files:
             dest = self.target.parent / f.name
             if dest.resolve() in self.inputs:
                 raise InputError(f"{dest}: the output would overwrite an input; choose another --out")
+            if dest.exists() and not self.force and dest != self.target:
+                raise InputError(f"{dest}: already exists; pass --force to replace it")
+        for f in files:
             os.chmod(f, 0o644)
-            os.replace(f, dest)
+            os.replace(f, self.target.parent / f.name)
         self.path.rmdir()
         return self.target
 

@@ -184,7 +184,13 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         ctx = WriteContext(source.config, dtype, plan.grids, plan.ignored, source.tied, provenance, source)
         store = (
             ResumeStore(
-                out, fingerprint(source.input_files, cfg.manifest(), __version__, calib.describe() if calib else None)
+                out,
+                fingerprint(
+                    [*source.input_files, *imatrix_files(cfg)],
+                    cfg.manifest(),
+                    __version__,
+                    calib.describe() if calib else None,
+                ),
             )
             if run.checkpoint
             else NoCheckpoints()
@@ -232,7 +238,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 torch.cuda.reset_peak_memory_stats(device)
             for i in range(first, source.num_layers):
                 t_layer = time.perf_counter()
-                log: list = []
+                log: list | None = [] if run.checkpoint else None  # the layer's writes, for its checkpoint
                 # Without calibration the layer only carries weights: keep them in their stored precision.
                 layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
                 prefix = a.layer_prefix(i)
@@ -372,6 +378,12 @@ def embed_all(runner: LayerRunner, tokens: torch.Tensor, device: torch.device, o
 
 def stats_row(qt) -> dict:
     return {"grid": qt.grid.name, **{k: round(v, 8) for k, v in qt.stats.items()}}
+
+
+def imatrix_files(cfg: QuantizeConfig) -> list[Path]:
+    """An --imatrix FILE is an input too (its contents shape the artifact)."""
+    spec = cfg.method_options.get("importance")
+    return [Path(spec)] if isinstance(spec, str) and spec not in ("none", "auto") and Path(spec).is_file() else []
 
 
 def load_importance(spec, source, plan):

@@ -153,7 +153,7 @@ class ResumeStore:
         if first == 0 and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._write_state(first - 1, temp_output)
+        self._write_state(first - 1, temp_output, state.get("hidden") if first and state else None)
         return first
 
     def _state(self) -> dict | None:
@@ -165,9 +165,11 @@ class ResumeStore:
         except (OSError, ValueError):
             return None
 
-    def _write_state(self, done: int, temp_output: Path) -> None:
+    def _write_state(self, done: int, temp_output: Path, hidden: dict | None = None) -> None:
+        """The one atomic commit point: ``done`` and the activations file leaving that layer change together."""
         tmp = self.dir / (STATE + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fp, "done": done, "temp_output": str(temp_output)}))
+        state = {"fingerprint": self.fp, "done": done, "temp_output": str(temp_output), "hidden": hidden}
+        tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / STATE)
 
     def save_layer(self, i: int, writes: list, hidden: torch.Tensor | None, temp_output: Path) -> None:
@@ -176,21 +178,25 @@ class ResumeStore:
         tensors: dict[str, torch.Tensor] = {}
         desc = encode(writes, "w", tensors)
         _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
-        if hidden is not None:
-            self._save_hidden(hidden, i)
-        self._write_state(i, temp_output)
+        head = self._save_hidden(hidden, i) if hidden is not None else None
+        self._write_state(i, temp_output, head)
+        for old in self.dir.glob("hidden-*.bin"):  # only after the state names the new file
+            if head is None or old.name != head["file"]:
+                old.unlink(missing_ok=True)
 
-    def _save_hidden(self, hidden: torch.Tensor, layer: int, rows: int = 8) -> None:
-        """Raw bytes written a few samples at a time (activations may be a memory-mapped file larger than RAM),
-        then a small JSON header: renamed into place in that order, so a header always describes whole data."""
-        tmp = self.dir / "hidden.bin.tmp"
-        with open(tmp, "wb") as f:
+    def _save_hidden(self, hidden: torch.Tensor, layer: int, rows: int = 8) -> dict:
+        """Raw bytes, a few samples at a time (activations may be a memory-mapped file larger than RAM), into a file
+        named by layer; the state written after it is what makes it current."""
+        name = f"hidden-{layer:05d}.bin"
+        with open(self.dir / name, "wb") as f:
             for b in range(0, hidden.shape[0], rows):
                 f.write(hidden[b : b + rows].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, self.dir / "hidden.bin")
-        head = {"layer": layer, "shape": list(hidden.shape), "dtype": str(hidden.dtype).removeprefix("torch.")}
-        (self.dir / "hidden.json.tmp").write_text(json.dumps(head))
-        os.replace(self.dir / "hidden.json.tmp", self.dir / "hidden.json")
+        return {
+            "file": name,
+            "layer": layer,
+            "shape": list(hidden.shape),
+            "dtype": str(hidden.dtype).removeprefix("torch."),
+        }
 
     def load_layer(self, i: int) -> list:
         p = self.dir / f"layer-{i:05d}.safetensors"
@@ -202,15 +208,12 @@ class ResumeStore:
 
     def load_hidden_into(self, layer: int, hidden: torch.Tensor, rows: int = 8) -> None:
         """Copy the activations saved after ``layer`` into ``hidden`` (same shape and dtype), a few rows at a time."""
-        p = self.dir / "hidden.json"
-        try:
-            head = json.loads(p.read_text())
-        except (OSError, ValueError):
-            head = {}
+        p = self.dir / STATE
+        head = (self._state() or {}).get("hidden") or {}
         dtype = str(hidden.dtype).removeprefix("torch.")
         if head.get("layer") != layer or head.get("shape") != list(hidden.shape) or head.get("dtype") != dtype:
             raise InputError(f"{p}: saved activations do not match layer {layer}; run without --resume to start over")
-        saved = torch.from_file(str(self.dir / "hidden.bin"), shared=False, size=hidden.numel(), dtype=hidden.dtype)
+        saved = torch.from_file(str(self.dir / head["file"]), shared=False, size=hidden.numel(), dtype=hidden.dtype)
         saved = saved.view(hidden.shape)
         for b in range(0, hidden.shape[0], rows):
             hidden[b : b + rows] = saved[b : b + rows].to(hidden.device)

@@ -191,3 +191,21 @@ def test_methods_listing(cli):
     rows = json.loads(r.stdout)
     names = {(row["kind"], row["name"]) for row in rows}
     assert {("method", "rtn"), ("method", "gptq"), ("format", "safetensors"), ("format", "gguf")} <= names
+
+
+def test_malformed_packed_tensor_is_a_clean_error(cli, tiny_llama, tmp_path):
+    """A quantized artifact whose packed parts disagree (a truncated scale) fails reading with exit 2, not a
+    traceback."""
+    from safetensors.torch import load_file
+
+    art = tmp_path / "art"
+    r = cli("quantize", tiny_llama, "--out", art, "--bits", "4", "--group-size", "32", "--quiet")
+    assert r.code == 0, r.stderr
+    f = next(art.glob("*.safetensors"))
+    tensors = load_file(f)
+    key = next(k for k in tensors if k.endswith("q_proj.weight_scale"))
+    tensors[key] = tensors[key][:, :1].contiguous()
+    save_file(tensors, f)
+    out = tmp_path / "dense"
+    r = cli("convert", art, "--out", out, "--quiet")
+    assert_clean_failure(r, out, "cannot be decoded", key.removesuffix("_scale"))

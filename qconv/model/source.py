@@ -49,8 +49,16 @@ class TensorSource(ABC):
         return name in set(self.names())
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor as stored (float dtypes upcast nowhere), checked finite."""
-        t = self._read(name)
+        """The tensor as stored (float dtypes upcast nowhere), checked finite. A packed tensor that cannot be
+        decoded (shapes that disagree, a missing part) is the file's fault: an InputError naming it."""
+        try:
+            t = self._read(name)
+        except (InputError, torch.OutOfMemoryError):
+            raise
+        except (KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
+            raise InputError(
+                f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
+            ) from e
         if t.is_floating_point():
             # checked in slices: isfinite on bf16 would otherwise allocate several copies of a large embedding
             flat = t.reshape(-1)
@@ -279,12 +287,15 @@ class GGUFSource(TensorSource):
             tok.save_pretrained(tmp)
             gen = {"bos_token_id": self.config.get("bos_token_id"), "eos_token_id": self.config.get("eos_token_id")}
             (tmp / "generation_config.json").write_text(json.dumps({k: v for k, v in gen.items() if v is not None}))
+        except Exception as e:  # transformers raises many types here (OSError too); the cause is the file
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InputError(f"{self.path}: cannot build a tokenizer from its GGUF vocabulary ({e})") from e
+        try:
             os.replace(tmp, cached)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # another process cached it first
-        except Exception as e:  # transformers raises many types here; the cause is the file
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InputError(f"{self.path}: cannot build a tokenizer from its GGUF vocabulary ({e})") from e
+        if not (cached / "tokenizer_config.json").is_file():
+            raise InputError(f"{self.path}: could not cache its tokenizer in {cached}")
         self._tok_dir = cached
         return cached
 
