@@ -62,7 +62,7 @@ def test_quantized_family_loads_in_transformers(cli, models, family, tmp_path):
 
 
 def test_adapter_table():
-    assert set(SUPPORTED) == set(FAMILIES)
+    assert set(SUPPORTED) == set(FAMILIES) | {"mixtral", "qwen3_moe"}  # the MoE families: tests/test_moe.py
     a = adapter_for({"model_type": "qwen2"}, "x")
     assert a.linears[:3] == ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     assert [g.feeds_from for g in a.groups] == ["input_layernorm", "self_attn.v_proj", "post_attention_layernorm",
