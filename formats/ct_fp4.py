@@ -14,14 +14,8 @@ import torch
 from qconv.errors import InputError
 from qconv.formats.compressed_tensors import CTScheme, _register, suggest_groups
 from qconv.formats.safetensors_io import TensorSpec
-from qconv.kernels.mx import ct_fp4_reference
+from qconv.kernels.mx import ct_fp4_reference, pack_nibbles
 from qconv.quant.mx import FP4Grid, FP4Tensor
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [out, in] (in even) → uint8 [out, in/2], element 2i in the low nibble."""
-    c = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2)
-    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
 
 
 class FP4Scheme(CTScheme):

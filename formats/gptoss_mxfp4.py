@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from qconv.kernels.mx import unpack_nibbles
+from qconv.kernels.mx import pack_nibbles, unpack_nibbles
 from qconv.quant.mx import MX_BLOCK, FP4Grid, FP4Tensor
 
 
@@ -26,8 +26,7 @@ def to_gptoss(experts: list[FP4Tensor] | FP4Tensor) -> tuple[torch.Tensor, torch
         if qt.grid.kind != "mxfp4":
             raise ValueError(f"gpt-oss stores MXFP4, not {qt.grid.kind}")
         rows, in_f = qt.shape
-        c = qt.codes.reshape(rows, in_f // MX_BLOCK, MX_BLOCK // 2, 2)
-        blocks.append((c[..., 0] | (c[..., 1] << 4)).to(torch.uint8))
+        blocks.append(pack_nibbles(qt.codes.reshape(rows, in_f // MX_BLOCK, MX_BLOCK)))
         scales.append(qt.scales.to(torch.uint8))
     if isinstance(experts, FP4Tensor):
         return blocks[0], scales[0]

@@ -19,6 +19,12 @@ import torch
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [..., 2n] (values < 16) → uint8 [..., n], element 2i in the low nibble (unpack_nibbles' inverse)."""
+    c = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).contiguous()
+
+
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., n] → codes uint8 [..., 2n] (low nibble first)."""
     lo = packed & 0x0F

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from qconv.formats.ct_fp4 import pack_nibbles
 from qconv.formats.gptoss_mxfp4 import from_gptoss, to_gptoss
-from qconv.kernels.mx import ct_fp4_reference, gptoss_reference
+from qconv.kernels.mx import ct_fp4_reference, gptoss_reference, pack_nibbles
 from qconv.quant import mx
 
 from conftest import tiny_model
