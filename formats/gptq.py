@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -105,11 +106,13 @@ class PackedFolderWriter(FormatWriter):
         self.requested = req
         return super().plan(source, req, ignore, dtype)
 
+    @abstractmethod
     def pack_verified(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """One linear's stored tensors (suffix → tensor), verified against ``qt``'s dequantization."""
 
+    @abstractmethod
     def quantization_config(self, ctx: WriteContext) -> dict:
-        raise NotImplementedError
+        """config.json's ``quantization_config`` block."""
 
     def begin(self, plan: Plan, ctx: WriteContext) -> None:
         self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
@@ -346,8 +349,9 @@ class PackedLinearSource(TensorSource):
             return self.raw.shape(name)
         return tuple(self.dequantized(mod).shape)
 
+    @abstractmethod
     def dequantize(self, module: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """One packed linear's tensors → its weight (float32 [out, in])."""
 
     def dequantized(self, module: str) -> torch.Tensor:
         t = self.packed(module)

@@ -1116,7 +1116,7 @@ class BatchDisplay:
                 self._progress.update(self._rows[index], advance=ev[2])
                 self._update(index)
         elif kind == "task_end":
-            pass
+            return  # the job's own row is finished by its result, not by the end of a task
         elif kind == "log":
             self._print(f"{self._label(index)}: {ev[2]}")
         elif kind == "done":
