@@ -20,6 +20,11 @@ FIXTURE_VERSION = "smollm2-v1"
 os.environ.setdefault("QCONV_CACHE", str(CACHE / "qconv"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton kernels only run interpreted: import triton in interpreter mode for the whole session, before
+# any test module does. Imported in compiled mode first, its jit'd language helpers refuse to run later under the
+# interpreter (a test module setting TRITON_INTERPRET for itself is then too late), so results depended on test order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _cached_model(name: str, build) -> Path:

@@ -49,7 +49,10 @@ def run_and_kill(args: list[str], out: Path, sig: int) -> int:
     """Start the CLI, wait until it has checkpointed at least one layer, then send ``sig``; returns the layer it
     had finished."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "qconv", *args], env=env, stderr=subprocess.PIPE, text=True)
+    # A shell's background jobs inherit SIGINT ignored (so would the child, which then runs to the end): restore
+    # the default so Python turns SIGINT into KeyboardInterrupt as at a terminal.
+    proc = subprocess.Popen([sys.executable, "-m", "qconv", *args], env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     done = -1
     while time.monotonic() < deadline and proc.poll() is None:
