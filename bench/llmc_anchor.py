@@ -33,7 +33,8 @@ def main() -> None:
 
     ids = json.load(open(a.tokens))
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
+    # float32 on CPU, as qconv computes there: CPU bf16 matmuls are several times slower and would handicap it
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(a.model)
     weights = QuantizationArgs(num_bits=a.bits, type="int", symmetric=a.sym, strategy="group", group_size=a.group_size)
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
