@@ -28,7 +28,7 @@ def unpack_awq(packed: torch.Tensor, columns: int) -> torch.Tensor:
     """int32 [rows, columns/8] → uint8 [rows, columns] in natural column order."""
     rows = packed.shape[0]
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = nibble_of_column() * BITS  # column c of a block sits at bit 4·nibble(c)
+    shifts = nibble_of_column().to(packed.device) * BITS  # column c of a block sits at bit 4·nibble(c)
     codes = (words.unsqueeze(-1) >> shifts) & 0xF  # [rows, words, 8]
     return codes.reshape(rows, -1)[:, :columns].to(torch.uint8)
 
