@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
-from qconv.formats.hf_folder import copy_tokenizer, dtype_name, write_config
-from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.formats.base import GridRequest, WriteContext
+from qconv.formats.folder_writer import SafetensorsFolderWriter
+from qconv.formats.hf_folder import dtype_name
+from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.bnb4 import pack_nibbles
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.options import Option
@@ -135,7 +136,7 @@ def bnb_config(grid: Bnb4Grid, skip: list[str]) -> dict:
     }
 
 
-class BnbWriter(FormatWriter):
+class BnbWriter(SafetensorsFolderWriter):
     name = "bnb"
     description = "bitsandbytes 4-bit safetensors (NF4/FP4, double quant; transformers + bitsandbytes load it)"
     schemes = ("nf4", "fp4")
@@ -155,7 +156,6 @@ class BnbWriter(FormatWriter):
         if compute_dtype != "auto" and compute_dtype not in DTYPES:
             raise InputError(f"--opt compute_dtype={compute_dtype}: choose auto, {', '.join(DTYPES)}")
         self.compute_dtype = compute_dtype
-        self._writer: ShardedSafetensorsWriter | None = None
 
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> Bnb4Grid:
         blocksize = int(req.options.get("blocksize", 64))
@@ -182,41 +182,20 @@ class BnbWriter(FormatWriter):
         specs.append(TensorSpec(f"{name}.{STATE_PREFIX}{grid.quant_type}", (state_bytes(grid, shape),), torch.uint8))
         return specs
 
-    def begin(self, plan: Plan, ctx: WriteContext) -> None:
-        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
-
-    def write_quantized(self, name: str, qt: Bnb4Tensor) -> None:
-        assert self._writer is not None
+    def pack(self, module: str, qt: Bnb4Tensor) -> dict[str, torch.Tensor]:
         if not isinstance(qt, Bnb4Tensor):
-            raise TypeError(f"{name}: --format bnb stores NF4/FP4 blocks, got {type(qt).__name__}")
-        module = name.removesuffix(".weight")
+            raise TypeError(f"{module}: --format bnb stores NF4/FP4 blocks, got {type(qt).__name__}")
         tensors = pack_bnb4(qt)
         state = quant_state(qt.grid, qt.shape, None if qt.offset is None else float(qt.offset))
-        self.verifier.check(name, "bnb4", qt.dequantize(torch.float32), **kernel_args(tensors, state))
-        for suffix, t in tensors.items():
-            self._writer.write(f"{module}.{suffix}", t)
+        self.verifier.check(f"{module}.weight", "bnb4", qt.dequantize(torch.float32), **kernel_args(tensors, state))
+        return tensors
 
-    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-
-    def finish(self, ctx: WriteContext) -> list[str]:
-        assert self._writer is not None
-        files = self._writer.close()
+    def quantization_config(self, ctx: WriteContext) -> dict:
         grids = set(ctx.quantized.values())
         if len(grids) != 1:
             raise InputError(f"--format bnb: one grid per checkpoint, got {sorted(g.name for g in grids)}")
-        config = dict(ctx.config)
         # lm_head is listed so that naming any skip module does not make transformers quantize the head
-        config["quantization_config"] = bnb_config(next(iter(grids)), sorted({"lm_head", *ctx.ignored}))
-        write_config(self.out_dir, config, ctx.dtype)
-        index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
-        return [*files, *index, "config.json", *tokenizer]
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        return bnb_config(next(iter(grids)), sorted({"lm_head", *ctx.ignored}))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
+from qconv.formats.base import GridRequest, WriteContext
 from qconv.formats.ct_fp8 import fp8_grid, fp8_tensors
-from qconv.formats.hf_folder import copy_tokenizer, write_config
-from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.formats.folder_writer import SafetensorsFolderWriter
+from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.fp8 import dequant_reference
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.quant.fp8 import FP8_DTYPE, Fp8Grid, Fp8Tensor
@@ -39,14 +39,13 @@ def fp8_block_config(grid: Fp8Grid, ignored: list[str]) -> dict:
     return qc
 
 
-class Fp8BlockWriter(FormatWriter):
+class Fp8BlockWriter(SafetensorsFolderWriter):
     name = "fp8"
     description = "FP8 E4M3 with 128×128 block scales, DeepSeek-V3 layout (transformers FineGrainedFP8, vLLM)"
     schemes = ("fp8",)
 
     def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
         super().__init__(out_dir, verifier, max_shard_bytes, target_name)
-        self._writer: ShardedSafetensorsWriter | None = None
 
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> Fp8Grid:
         grid = fp8_grid(name, req, dtype, default_kind="block", kinds=("block",))
@@ -63,40 +62,19 @@ class Fp8BlockWriter(FormatWriter):
             TensorSpec(f"{name}.{SCALE}", grid.scale_shape(shape), torch.float32),
         ]
 
-    def begin(self, plan: Plan, ctx: WriteContext) -> None:
-        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
-
-    def write_quantized(self, name: str, qt: Fp8Tensor) -> None:
-        assert self._writer is not None
+    def pack(self, module: str, qt: Fp8Tensor) -> dict[str, torch.Tensor]:
         if not isinstance(qt, Fp8Tensor):
-            raise TypeError(f"{name}: --format fp8 stores FP8 weights, got {type(qt).__name__}")
-        module = name.removesuffix(".weight")
+            raise TypeError(f"{module}: --format fp8 stores FP8 weights, got {type(qt).__name__}")
         tensors = fp8_tensors(qt, scale_name=SCALE)
-        self.verifier.check(name, "fp8", qt.dequantize(torch.float32), weight=tensors["weight"],
+        self.verifier.check(f"{module}.weight", "fp8", qt.dequantize(torch.float32), weight=tensors["weight"],
                             scale=tensors[SCALE], block_size=qt.grid.block_size)  # fmt: skip
-        for suffix, t in tensors.items():
-            self._writer.write(f"{module}.{suffix}", t)
+        return tensors
 
-    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-
-    def finish(self, ctx: WriteContext) -> list[str]:
-        assert self._writer is not None
-        files = self._writer.close()
+    def quantization_config(self, ctx: WriteContext) -> dict:
         grids = set(ctx.quantized.values())
         if len(grids) != 1:
             raise InputError(f"--format fp8: one block size per checkpoint, got {sorted(g.name for g in grids)}")
-        config = dict(ctx.config)
-        config["quantization_config"] = fp8_block_config(next(iter(grids)), ctx.ignored)
-        write_config(self.out_dir, config, ctx.dtype)
-        index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
-        return [*files, *index, "config.json", *tokenizer]
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        return fp8_block_config(next(iter(grids)), ctx.ignored)
 
 
 # ---------------------------------------------------------------------------------------------------------------

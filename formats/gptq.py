@@ -13,7 +13,6 @@ reader that dequantizes them on read.
 
 from __future__ import annotations
 
-import json
 import re
 from abc import abstractmethod
 from pathlib import Path
@@ -22,10 +21,10 @@ import torch
 
 from qconv import __version__
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
+from qconv.formats.base import GridRequest, Plan, WriteContext
 from qconv.formats.bitpack import pack_rows, packed_words, unpack_rows
-from qconv.formats.hf_folder import copy_tokenizer, write_config
-from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.formats.folder_writer import SafetensorsFolderWriter
+from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels import gptq as gptq_kernel
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.options import Option
@@ -91,14 +90,15 @@ def gptq_kernel_args(t: dict[str, torch.Tensor], bits: int, checkpoint_format: s
 # Writing
 
 
-class PackedFolderWriter(FormatWriter):
+class PackedFolderWriter(SafetensorsFolderWriter):
     """An HF folder whose quantized linears become a few packed tensors each (GPTQ, AWQ): sharded safetensors,
     config.json with ``quantization_config``, quantize_config.json, tokenizer files. Subclasses give the grid
     rules (``grid_for``), the tensors (``quantized_specs``, ``pack_verified``) and the config block."""
 
+    config_copy = "quantize_config.json"
+
     def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
         super().__init__(out_dir, verifier, max_shard_bytes, target_name)
-        self._writer: ShardedSafetensorsWriter | None = None
         self._damps: list[float] = []  # the GPTQ dampening each tensor finally used (auto-raised ones included)
         self.requested: GridRequest | None = None
 
@@ -110,42 +110,12 @@ class PackedFolderWriter(FormatWriter):
     def pack_verified(self, name: str, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
         """One linear's stored tensors (suffix → tensor), verified against ``qt``'s dequantization."""
 
-    @abstractmethod
-    def quantization_config(self, ctx: WriteContext) -> dict:
-        """config.json's ``quantization_config`` block."""
-
-    def begin(self, plan: Plan, ctx: WriteContext) -> None:
-        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
-
-    def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
-        assert self._writer is not None
+    def pack(self, module: str, qt) -> dict[str, torch.Tensor]:
         if not isinstance(qt, QuantizedTensor):
-            raise TypeError(f"{name}: --format {self.name} stores integer groups, got {type(qt).__name__}")
+            raise TypeError(f"{module}: --format {self.name} stores integer groups, got {type(qt).__name__}")
         if "gptq_damp" in qt.stats:
             self._damps.append(float(qt.stats["gptq_damp"]))
-        module = name.removesuffix(".weight")
-        for suffix, t in self.pack_verified(module, qt).items():
-            self._writer.write(f"{module}.{suffix}", t)
-
-    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-
-    def finish(self, ctx: WriteContext) -> list[str]:
-        assert self._writer is not None
-        files = self._writer.close()
-        qc = self.quantization_config(ctx)
-        config = dict(ctx.config)
-        config["quantization_config"] = qc
-        write_config(self.out_dir, config, ctx.dtype)
-        (self.out_dir / "quantize_config.json").write_text(json.dumps(qc, indent=2, sort_keys=True) + "\n")
-        index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
-        return [*files, *index, "config.json", "quantize_config.json", *tokenizer]
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+        return self.pack_verified(module, qt)
 
 
 def blocks_to_quantize(quantized: list[str], ignored: list[str]) -> list[list[str]] | None:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
-from qconv.formats.hf_folder import copy_tokenizer, write_config
-from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.formats.base import GridRequest, Plan, WriteContext
+from qconv.formats.folder_writer import SafetensorsFolderWriter
+from qconv.formats.safetensors_io import TensorSpec
 from qconv.kernels.hqq import PACKING, dequant_reference, grouped_shape
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.quant.hqq import HQQGrid, HQQTensor
@@ -139,7 +139,7 @@ def quant_config(bits: int, group_size: int | None, axis: int) -> dict:
     }
 
 
-class HQQWriter(FormatWriter):
+class HQQWriter(SafetensorsFolderWriter):
     name = "hqq"
     description = "HQQ (HQQLinear state dicts; hqq package / transformers HqqConfig layout)"
     supported_bits = (1, 2, 3, 4, 5, 6, 8)
@@ -147,7 +147,6 @@ class HQQWriter(FormatWriter):
 
     def __init__(self, out_dir: Path, verifier, max_shard_bytes: int = 5 * 1024**3, target_name: str = ""):
         super().__init__(out_dir, verifier, max_shard_bytes, target_name)
-        self._writer: ShardedSafetensorsWriter | None = None
         self._dtype = torch.float16
 
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype) -> HQQGrid:
@@ -196,42 +195,24 @@ class HQQWriter(FormatWriter):
 
     def begin(self, plan: Plan, ctx: WriteContext) -> None:
         self._dtype = ctx.dtype
-        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
+        super().begin(plan, ctx)
 
-    def write_quantized(self, name: str, qt) -> None:
-        assert self._writer is not None
-        module = name.removesuffix(".weight")
+    def pack(self, module: str, qt) -> dict[str, torch.Tensor]:
         tensors = hqq_tensors(qt, qt.grid.scale_dtype)
         self.verifier.check(module, "hqq", qt.dequantize(torch.float32), **kernel_args(tensors))
-        for suffix, t in tensors.items():
-            self._writer.write(f"{module}.{suffix}", t)
+        return tensors
 
-    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-
-    def finish(self, ctx: WriteContext) -> list[str]:
-        assert self._writer is not None
-        files = self._writer.close()
+    def quantization_config(self, ctx: WriteContext) -> dict:
         grids = {(g.bits, g.group_size, g.axis) for g in ctx.quantized.values()}
         if len(grids) > 1:
             raise RuntimeError(f"HQQ config holds one setting; got {sorted(grids)}")
         bits, group, axis = next(iter(grids)) if grids else (4, 64, 1)
-        config = dict(ctx.config)
         skip = sorted({"lm_head", *(m.split(".")[-1] for m in ctx.ignored)})
-        config["quantization_config"] = {
+        return {
             "quant_method": "hqq",
             "quant_config": quant_config(bits, None if group == -1 else group, axis),
             "skip_modules": skip,
         }
-        write_config(self.out_dir, config, ctx.dtype)
-        index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
-        return [*files, *index, "config.json", *tokenizer]
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
 
 
 _SUFFIXES = ("W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing", "unpack_view_dtype",
