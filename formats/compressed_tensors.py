@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
+from qconv.formats.base import GridRequest, WriteContext
 from qconv.formats.bitpack import pack_rows, packed_words
-from qconv.formats.hf_folder import copy_tokenizer, write_config
-from qconv.formats.safetensors_io import ShardedSafetensorsWriter, TensorSpec
+from qconv.formats.folder_writer import SafetensorsFolderWriter
+from qconv.formats.safetensors_io import TensorSpec
 from qconv.model.source import SafetensorsDirSource, TensorSource
 from qconv.quant.tensor import IntGrid, QuantizedTensor
 
@@ -205,7 +205,7 @@ def quantization_config(ctx: WriteContext, observer: str = "minmax") -> dict:
     }
 
 
-class CompressedTensorsWriter(FormatWriter):
+class CompressedTensorsWriter(SafetensorsFolderWriter):
     name = "safetensors"
     description = "compressed-tensors pack-quantized safetensors (transformers, vLLM, llm-compressor)"
     supported_bits = (2, 3, 4, 5, 6, 7, 8)
@@ -215,7 +215,6 @@ class CompressedTensorsWriter(FormatWriter):
                  observer: str = "minmax"):  # fmt: skip
         super().__init__(out_dir, verifier, max_shard_bytes, target_name)
         self.observer = observer
-        self._writer: ShardedSafetensorsWriter | None = None
 
     def grid_for(self, name: str, shape: tuple[int, int], req: GridRequest, dtype: torch.dtype):
         return SCHEMES[req.scheme].grid_for(name, shape, req, dtype)
@@ -223,33 +222,11 @@ class CompressedTensorsWriter(FormatWriter):
     def quantized_specs(self, name: str, shape: tuple[int, int], grid) -> list[TensorSpec]:
         return scheme_of(grid).specs(name, shape, grid)
 
-    def begin(self, plan: Plan, ctx: WriteContext) -> None:
-        self._writer = ShardedSafetensorsWriter(self.out_dir, plan.specs, self.max_shard_bytes)
+    def pack(self, module: str, qt) -> dict[str, torch.Tensor]:
+        return scheme_of(qt.grid).pack_verified(module, qt, self.verifier)
 
-    def write_quantized(self, name: str, qt: QuantizedTensor) -> None:
-        assert self._writer is not None
-        name = name.removesuffix(".weight")
-        tensors = scheme_of(qt.grid).pack_verified(name, qt, self.verifier)
-        for suffix, t in tensors.items():
-            self._writer.write(f"{name}.{suffix}", t)
-
-    def write_dense(self, name: str, tensor: torch.Tensor) -> None:
-        assert self._writer is not None
-        self._writer.write(name, tensor)
-
-    def finish(self, ctx: WriteContext) -> list[str]:
-        assert self._writer is not None
-        files = self._writer.close()
-        config = dict(ctx.config)
-        config["quantization_config"] = quantization_config(ctx, self.observer)
-        write_config(self.out_dir, config, ctx.dtype)
-        index = ["model.safetensors.index.json"] if len(files) > 1 else []
-        tokenizer = copy_tokenizer(ctx.source.tokenizer_dir(), self.out_dir) if ctx.source is not None else []
-        return [*files, *index, "config.json", *tokenizer]
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
+    def quantization_config(self, ctx: WriteContext) -> dict:
+        return quantization_config(ctx, self.observer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
