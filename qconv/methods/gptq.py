@@ -6,7 +6,7 @@ from __future__ import annotations
 from qconv.errors import InputError
 from qconv.methods.base import LayerContext, Method, rtn_fallback
 from qconv.methods.rtn import rtn
-from qconv.quant.gptq import GPTQConfig, gptq_ggml, gptq_int
+from qconv.quant.gptq import GPTQConfig, gptq_ggml, gptq_int_many
 from qconv.quant.tensor import GGMLGrid, IntGrid, Quantized
 
 
@@ -43,22 +43,35 @@ class GPTQ(Method):
             tokens = st.count
             h = st.xtx.div_(max(tokens, 1))  # the Hessian XᵀX/n, in place: one [in, in] copy fewer
             st.xtx = None
-            for name in group:
-                grid = ctx.grids[name]
-                w = ctx.weight(name)
+            for names in _stacks(group, ctx.grids) if tokens else [[n] for n in group]:
                 try:
+                    grid = ctx.grids[names[0]]
                     if tokens == 0:  # no Hessian at all (an expert never routed to): nothing to feed back
-                        qt = rtn_fallback(rtn(w, grid, self.options.clip))
+                        done = [rtn_fallback(rtn(ctx.weight(names[0]), grid, self.options.clip))]
                     elif isinstance(grid, IntGrid):
-                        qt, _ = gptq_int(w, h, grid, cfg)
+                        done = [qt for qt, _ in gptq_int_many([ctx.weight(n) for n in names], h, grid, cfg)]
                     elif isinstance(grid, GGMLGrid):
-                        qt, _ = gptq_ggml(w, h, grid, cfg)
+                        done = [gptq_ggml(ctx.weight(names[0]), h, grid, cfg)[0]]
                     else:
                         raise TypeError(f"GPTQ cannot quantize onto {grid!r}")
                 except ValueError as e:
-                    raise InputError(f"{ctx.prefix}{name}: {e}") from None
-                # Later groups must see this linear as loaders will compute it.
-                ctx.set_weight(name, qt.dequantize())
-                out[name] = qt
+                    raise InputError(f"{ctx.prefix}{','.join(names)}: {e}") from None
+                for name, qt in zip(names, done, strict=True):
+                    # Later groups must see this linear as loaders will compute it.
+                    ctx.set_weight(name, qt.dequantize())
+                    out[name] = qt
             del h, st, stats
         return out
+
+
+def _stacks(names: list[str], grids: dict) -> list[list[str]]:
+    """Linears of one Hessian group that GPTQ runs stacked (same integer grid: q/k/v, gate/up); others alone
+    (GGUF block types differ per tensor in llama.cpp's mixes and run one by one)."""
+    out: list[list[str]] = []
+    for n in names:
+        g = grids[n]
+        if isinstance(g, IntGrid) and out and grids[out[-1][0]] == g:
+            out[-1].append(n)
+        else:
+            out.append([n])
+    return out

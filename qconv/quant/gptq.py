@@ -92,14 +92,65 @@ def _prepare(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return W, H, dead
 
 
+def _block_width(gs: int, block: int, static: bool) -> int:
+    """Lazy-batch width such that every group starts at a batch start (so a batch's group parameters are known
+    before its columns are quantized, and one kernel launch can run the batch): ``block`` when the parameters are
+    static or groups span whole batches, else the largest divisor of the group size up to ``block``."""
+    if static or gs % block == 0:
+        return block
+    return next(d for d in range(min(gs, block), 0, -1) if gs % d == 0)
+
+
+def gptq_block_reference(
+    w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One lazy batch of GPTQ's column loop, in torch. w1 float32 [R, B] (the batch's error-updated columns, not
+    modified), u1 float32 [B, B] (its block of the inverse Hessian's upper Cholesky factor), s/z float32 [R, B]
+    (each column's scale and zero point). Returns codes uint8 [R, B] and the scaled errors float32 [R, B] that the
+    caller feeds forward onto the later columns (``W[:, B:] -= E @ U[batch, later]``)."""
+    w1 = w1.clone()
+    codes = torch.empty(w1.shape, dtype=torch.uint8, device=w1.device)
+    errs = torch.empty_like(w1)
+    for i in range(w1.shape[1]):
+        x = w1[:, i]
+        q = torch.clamp(torch.round(x / s[:, i]) + z[:, i], 0, qmax)
+        err = (x - (q - z[:, i]) * s[:, i]) / u1[i, i]
+        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+        codes[:, i] = q.to(torch.uint8)
+        errs[:, i] = err
+    return codes, errs
+
+
+def _block_fn(w: torch.Tensor):
+    """The Triton kernel on CUDA (one launch per lazy batch instead of ~15 small kernels per column); torch
+    elsewhere."""
+    from qconv.kernels import gptq_block
+
+    if w.is_cuda and gptq_block.available():
+        return gptq_block.gptq_block
+    return gptq_block_reference
+
+
 def gptq_int(w: torch.Tensor, h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig) -> tuple[QuantizedTensor, GPTQInfo]:
     """GPTQ onto an integer group grid. Returns the QuantizedTensor (codes in natural column order; g_idx set for
     act-order without static groups) and run info."""
+    return gptq_int_many([w], h, grid, cfg)[0]
+
+
+def gptq_int_many(
+    ws: list[torch.Tensor], h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig
+) -> list[tuple[QuantizedTensor, GPTQInfo]]:
+    """GPTQ for several weights [out_i, in] that read the same inputs (q/k/v; gate/up) and so share the Hessian h.
+    GPTQ treats rows independently given H, so they run stacked: one factorisation, one column loop, the same
+    result as separate runs. Returns one (QuantizedTensor, GPTQInfo) per weight, in order."""
+    w = ws[0] if len(ws) == 1 else torch.cat([x.detach().float() for x in ws])
     out_f, in_f = w.shape
     lazy_order = cfg.act_order and not cfg.static_groups and grid.group_size != -1
     if lazy_order and not grid.act_order:
         raise ValueError("act-order groups need a layout with g_idx (or use static groups)")
     W, H, dead = _prepare(w, h)
+    if len(ws) > 1:
+        del w
     gs = grid.effective_group(in_f)
     n_groups = grid.n_groups(in_f)
     diag = H.diagonal().clone()
@@ -109,70 +160,64 @@ def gptq_int(w: torch.Tensor, h: torch.Tensor, grid: IntGrid, cfg: GPTQConfig) -
         _, s, z = _quantize_rows(cols, grid, g0, 1, cfg.clip, imp, 24, 0.3)
         return s[:, 0], z[:, 0]
 
-    static_s = static_z = None
-    if grid.group_size == -1 or (cfg.act_order and cfg.static_groups):
-        static_s = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
-        static_z = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
+    static = grid.group_size == -1 or (cfg.act_order and cfg.static_groups)
+    scales = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
+    zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
+    if static:
         for g in range(n_groups):
-            s, z = params(W[:, g * gs : (g + 1) * gs], diag[g * gs : (g + 1) * gs])
-            static_s[:, g], static_z[:, g] = s, z
+            scales[:, g], zeros[:, g] = params(W[:, g * gs : (g + 1) * gs], diag[g * gs : (g + 1) * gs])
 
     perm = torch.argsort(diag, descending=True, stable=True) if cfg.act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U, used = inverse_hessian_factor(H, cfg.damp, cfg.max_damp)
+    del H
     order = perm if perm is not None else torch.arange(in_f, device=W.device)
-    cols = order.tolist()
+    # group of each processing position: the column's own group (static parameters) or the position's (lazy)
+    g_of_pos = order // gs if static else torch.arange(in_f, device=W.device) // gs
 
-    Q = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)  # permuted positions
-    scales = torch.empty(out_f, n_groups, dtype=grid.scale_dtype, device=W.device)
-    zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=W.device)
-    g_of_pos = torch.empty(in_f, dtype=torch.long, device=W.device)
-    cur_s = cur_z = None
-    werr = 0.0
-    for i1 in range(0, in_f, cfg.block):
-        i2 = min(i1 + cfg.block, in_f)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            pos = i1 + i
-            col = cols[pos]
-            if static_s is not None:
-                g = col // gs
-                cur_s, cur_z = static_s[:, g], static_z[:, g]
-            elif pos % gs == 0:
-                # Lazy group parameters from the error-updated weights of the next gs columns (processing order).
-                g = pos // gs
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                cur_s, cur_z = params(ahead, diag[order[pos : pos + gs]])
-                scales[:, g], zeros[:, g] = cur_s, cur_z
-            g_of_pos[pos] = col // gs if static_s is not None else pos // gs
-            x = W1[:, i]
-            s = cur_s.float()
-            q = torch.clamp(torch.round(x / s) + cur_z, 0, grid.qmax)
-            dq = (q - cur_z) * s
-            Q[:, pos] = q.to(torch.uint8)
-            d = U1[i, i]
-            err = (x - dq) / d
-            werr += float(err.square().sum())
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    Q = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)  # permuted positions
+    block_fn = _block_fn(W)
+    width = _block_width(gs, cfg.block, static)
+    werr = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_f, width):
+        i2 = min(i1 + width, in_f)
+        if not static and i1 % gs == 0:
+            # Lazy group parameters from the error-updated weights of the next gs columns (processing order).
+            g = i1 // gs
+            scales[:, g], zeros[:, g] = params(W[:, i1 : i1 + gs], diag[order[i1 : i1 + gs]])
+        gp = g_of_pos[i1:i2]
+        q, e = block_fn(W[:, i1:i2], U[i1:i2, i1:i2], scales[:, gp].float(), zeros[:, gp], grid.qmax)
+        Q[:, i1:i2] = q
+        werr += e.double().square().sum()
+        W[:, i2:] -= e @ U[i1:i2, i2:]
+    del W, U
 
-    if static_s is not None:
-        scales, zeros = static_s, static_z
     codes = torch.empty_like(Q)
     codes[:, order] = Q
-    gidx = torch.empty(in_f, dtype=torch.long, device=W.device)
+    del Q
+    gidx = torch.empty(in_f, dtype=torch.long, device=codes.device)
     gidx[order] = g_of_pos
-    qt = QuantizedTensor(
-        grid=grid, codes=codes, scales=scales, zeros=zeros, g_idx=gidx.to(torch.int32) if grid.act_order else None
-    )
+    gidx32 = gidx.to(torch.int32) if grid.act_order else None
     imp = h.detach().float().diagonal().clamp_min(0)
-    qt = with_error_stats(qt, w, imp)
-    qt.stats["gptq_damp"] = used
-    return qt, GPTQInfo(used, int(dead.sum()), werr)
+    info = GPTQInfo(used, int(dead.sum()), float(werr))
+    out = []
+    r0 = 0
+    for x in ws:
+        r1 = r0 + x.shape[0]
+        # copies, not views: each linear's tensors are written and freed on their own
+        qt = QuantizedTensor(
+            grid=grid,
+            codes=codes[r0:r1].clone() if len(ws) > 1 else codes,
+            scales=scales[r0:r1].clone() if len(ws) > 1 else scales,
+            zeros=zeros[r0:r1].clone() if len(ws) > 1 else zeros,
+            g_idx=gidx32,
+        )
+        qt = with_error_stats(qt, x, imp)
+        qt.stats["gptq_damp"] = used
+        out.append((qt, info))
+        r0 = r1
+    return out
 
 
 def gptq_ggml(
@@ -192,7 +237,7 @@ def gptq_ggml(
     # One fitted span per lazy batch: a multiple of the block size near cfg.block columns.
     span = max(bs, (cfg.block // bs) * bs)
     parts = []
-    werr = 0.0
+    werr = torch.zeros((), dtype=torch.float64, device=W.device)
     for i1 in range(0, in_f, span):
         i2 = min(i1 + span, in_f)
         W1 = W[:, i1:i2].clone()
@@ -213,7 +258,7 @@ def gptq_ggml(
             dq = ggml_grid.grid_values(q, eg, slice(j, j + 1))[:, 0]
             d = U1[i, i]
             err = (W1[:, i] - dq) / d
-            werr += float(err.square().sum())
+            werr += err.double().square().sum()  # a tensor: no device sync per column
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             E1[:, i] = err
             if j == bs - 1:
@@ -224,4 +269,4 @@ def gptq_ggml(
     imp = h.detach().float().diagonal().clamp_min(0)
     qt = with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, imp)
     qt.stats["gptq_damp"] = used
-    return qt, GPTQInfo(used, int(dead.sum()), werr)
+    return qt, GPTQInfo(used, int(dead.sum()), float(werr))
