@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import platform
+import threading
 from pathlib import Path
 
 from qconv import __version__
@@ -17,16 +18,48 @@ from qconv import __version__
 MANIFEST = "qconv.json"
 
 
-def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+def sha256_file(path: Path, chunk: int = 16 * 1024 * 1024, cancel: threading.Event | None = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(chunk):
+            if cancel is not None and cancel.is_set():
+                return ""
             h.update(b)
     return h.hexdigest()
 
 
-def file_digests(paths: list[Path]) -> list[dict]:
-    return [{"name": Path(p).name, "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))} for p in paths]
+def file_digests(paths: list[Path], cancel: threading.Event | None = None) -> list[dict]:
+    return [
+        {"name": Path(p).name, "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p), cancel=cancel)}
+        for p in paths
+    ]
+
+
+class BackgroundDigests:
+    """``file_digests(paths)`` computed by a daemon thread from construction on; ``result()`` waits for it (and
+    re-raises its error), ``cancel()`` stops it between chunks (an aborted run)."""
+
+    def __init__(self, paths: list[Path]):
+        self._cancel = threading.Event()
+        self._out: list[dict] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(list(paths),), daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            self._out = file_digests(paths, self._cancel)
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> list[dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out or []
+
+    def cancel(self) -> None:
+        self._cancel.set()
 
 
 def versions() -> dict:

@@ -8,6 +8,7 @@ quantized layer to make the next layer's inputs → free it. Peak memory is one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -25,7 +26,7 @@ from qconv.formats.base import GridRequest, WriteContext
 from qconv.formats.hf_folder import AtomicOutput, dtype_name
 from qconv.formats.registry import WRITERS
 from qconv.kernels.verify import Verifier
-from qconv.manifest import build_manifest, file_digests, write_manifest, write_model_card
+from qconv.manifest import BackgroundDigests, build_manifest, write_manifest, write_model_card
 from qconv.memory import trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.methods.rtn import rtn
@@ -152,6 +153,10 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
     verifier = Verifier(run.verify)
     output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
     writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options, **format_opts)
+    store = None
+    # The manifest's input sha256s read every input byte again (16 GB for an 8B model): a thread hashes them
+    # while the layers compute (hashlib and file reads release the GIL).
+    digests = BackgroundDigests(source.input_files)
     try:
         cfg.method_options = opts
         if made_static:
@@ -282,7 +287,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             write_other(a.lm_head)
         files = writer.finish(ctx)
         with reporter.task("hashing inputs", None):
-            inputs = file_digests(source.input_files)
+            inputs = digests.result()
         manifest = build_manifest(
             source=source,
             inputs=inputs,
@@ -310,6 +315,10 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         if writer.is_file:  # split outputs: report the first file, the one loaders are given
             final = final.with_name(files[0])
     except BaseException:
+        digests.cancel()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.wait()  # a background checkpoint commit finishes (or fails) before the process unwinds
         writer.abort()
         output.discard()
         raise

@@ -18,6 +18,7 @@ import importlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -124,6 +125,9 @@ class NoCheckpoints:
     def discard(self) -> None:
         """Nothing to remove."""
 
+    def wait(self) -> None:
+        """Nothing in flight."""
+
 
 class ResumeStore:
     """The checkpoint folder of one output. ``start`` decides where the run begins."""
@@ -174,15 +178,46 @@ class ResumeStore:
 
     def save_layer(self, i: int, writes: list, hidden: torch.Tensor | None, temp_output: Path) -> None:
         """Layer ``i`` finished: its writer calls ``writes`` [(kind, name, value, stats row)] and the activations
-        leaving it (None without calibration, or after the last layer)."""
+        leaving it (None without calibration, or after the last layer).
+
+        Activations on a GPU are copied to host memory and written by a background thread while the next layer
+        computes (a Llama-3-8B layer's 128×2048 calibration activations are 2 GB: a synchronous write stalled every
+        layer); the commit (state.json naming layer i) happens once they are on disk, so an interruption resumes
+        from the last layer whose activations are complete. Host-resident activations (CPU runs, possibly a
+        memory-mapped file larger than RAM) are written in place, synchronously: a snapshot could double memory."""
+        self.wait()
         tensors: dict[str, torch.Tensor] = {}
         desc = encode(writes, "w", tensors)
         _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
+        if hidden is not None and hidden.is_cuda:
+            snap = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            snap.copy_(hidden)
+            self._pending = threading.Thread(target=self._commit_bg, args=(i, snap, temp_output), daemon=False)
+            self._pending.start()
+        else:
+            self._commit(i, hidden, temp_output)
+
+    def _commit(self, i: int, hidden: torch.Tensor | None, temp_output: Path) -> None:
         head = self._save_hidden(hidden, i) if hidden is not None else None
         self._write_state(i, temp_output, head)
         for old in self.dir.glob("hidden-*.bin"):  # only after the state names the new file
             if head is None or old.name != head["file"]:
                 old.unlink(missing_ok=True)
+
+    def _commit_bg(self, i: int, hidden: torch.Tensor, temp_output: Path) -> None:
+        try:
+            self._commit(i, hidden, temp_output)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Finish a background commit; re-raise its error (e.g. a full disk) in the caller."""
+        t, self._pending = getattr(self, "_pending", None), None
+        if t is not None:
+            t.join()
+        err, self._error = getattr(self, "_error", None), None
+        if err is not None:
+            raise err
 
     def _save_hidden(self, hidden: torch.Tensor, layer: int, rows: int = 8) -> dict:
         """Raw bytes, a few samples at a time (activations may be a memory-mapped file larger than RAM), into a file
@@ -190,7 +225,7 @@ class ResumeStore:
         name = f"hidden-{layer:05d}.bin"
         with open(self.dir / name, "wb") as f:
             for b in range(0, hidden.shape[0], rows):
-                f.write(hidden[b : b + rows].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(hidden[b : b + rows].detach().cpu().contiguous().view(torch.uint8).numpy()))
         return {
             "file": name,
             "layer": layer,
@@ -219,4 +254,5 @@ class ResumeStore:
             hidden[b : b + rows] = saved[b : b + rows].to(hidden.device)
 
     def discard(self) -> None:
+        self.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
