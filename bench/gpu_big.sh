@@ -12,7 +12,7 @@ X=/root/qconv-big
 if [ "${1:-}" = wait ]; then
   end=$((SECONDS + ${2:-500}))
   while [ $SECONDS -lt $end ] && pgrep -f "gpu_big.sh run" >/dev/null; do sleep 5; done
-  cp "$X/gpu_big.jsonl" "$X/log" "${OUT:-/tmp}/" 2>/dev/null || true
+  cp "$X/gpu_big.jsonl" "$X/log" "$X"/prof-*.txt "${OUT:-/tmp}/" 2>/dev/null || true
   tail -5 "$X/log"
   pgrep -f "gpu_big.sh run" >/dev/null && echo "STILL RUNNING" || echo "DONE"
   exit 0
@@ -46,8 +46,15 @@ for JOB in ${@:-8b:32:gptq 8b:32:awq 70b:4:gptq 70b:8:gptq}; do
   [ -f "$M/config.json" ] || python3 -c "from pathlib import Path; from qconv.testing import make_synthetic_llama as m; \
 m(Path('$M'), $DIMS, layers=$L, vocab=49152, tokenizer_from=Path('$TOK'))"
   T0=$SECONDS
-  R=$(python3 -m qconv quantize "$M" --method "$METHOD" --bits 4 --group-size 128 --calib-samples 128 \
+  # QCONV_BIG_PROFILE=1: cProfile each job, the 40 heaviest calls into prof-JOB.txt (copied to $OUT by wait)
+  PROF=()
+  if [ -n "${QCONV_BIG_PROFILE:-}" ]; then PROF=(-m cProfile -o "$X/prof.out"); fi
+  R=$(python3 "${PROF[@]}" -m qconv quantize "$M" --method "$METHOD" --bits 4 --group-size 128 --calib-samples 128 \
     --calib-seqlen 2048 --device cuda --out "$X/out" --force --quiet --json ${QCONV_BIG_EXTRA:-} | tail -1)
   echo "{\"job\": \"$JOB\", \"wall_s\": $((SECONDS - T0)), \"summary\": $R}" | tee -a "$X/gpu_big.jsonl"
+  if [ -n "${QCONV_BIG_PROFILE:-}" ]; then
+    python3 -c "import pstats; pstats.Stats('$X/prof.out').sort_stats('cumulative').print_stats(40)" \
+      >"$X/prof-${JOB//:/-}.txt" 2>&1
+  fi
   rm -rf "$X/out"
 done
