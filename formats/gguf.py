@@ -21,6 +21,8 @@ from qconv.formats.gguf_meta import gguf_arch, gguf_name, model_kvs, permutation
 from qconv.formats.gguf_mix import FLOAT_TYPES, MixOptions, ModelShape, file_type, named_type, plan_types
 from qconv.formats.gguf_vocab import vocab_kvs
 from qconv.formats.gguf_writer import GV, KV, GGUFTensorSpec, GGUFWriter, string, u32
+from qconv.options import Option
+from qconv.quant.ggml_grid import EFFORTS
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid
 
 QUANTIZATION_VERSION = 2
@@ -56,6 +58,16 @@ class GGUFFormat(FormatWriter):
     description = "llama.cpp GGUF (llama-quantize's type mixes; loads in llama.cpp unchanged)"
     is_file = True
     schemes = ("int", "mxfp4")  # mxfp4: the method's linears become GGML MXFP4 blocks
+    options = (
+        Option(
+            "effort",
+            str,
+            "best",
+            "block scale search: best (full), fast (~3x quicker, still below llama.cpp's error), auto (best with an "
+            "imatrix or calibration importance, fast without)",
+            choices=EFFORTS,
+        ),
+    )
 
     def __init__(
         self,
@@ -72,6 +84,7 @@ class GGUFFormat(FormatWriter):
         gguf_pre: str | None = None,
         has_imatrix: bool = False,
         leave_output: bool = False,
+        effort: str = "best",
     ):
         super().__init__(out_dir, verifier, max_shard_bytes, target_name)
         if not target_name.endswith(".gguf"):
@@ -88,6 +101,7 @@ class GGUFFormat(FormatWriter):
             leave_output=leave_output,
         )
         self.split_max_bytes = split_max_bytes
+        self.effort = effort
         self.gguf_pre = gguf_pre
         self._writer: GGUFWriter | None = None
         self._names: dict[str, str] = {}  # HF name → GGUF name
@@ -155,7 +169,7 @@ class GGUFFormat(FormatWriter):
             if t in FLOAT_TYPES:
                 dense.append(hf)
             else:
-                grids[hf] = GGMLGrid(int(t))
+                grids[hf] = GGMLGrid(int(t), self.effort)
         notes = {g: note for g, note in mix.notes.items()}
         return Plan(grids, set(grids) & method_names, dense, ignored, specs, notes, nbytes)
 

@@ -317,3 +317,26 @@ def test_gptq_style_loop(t: T) -> None:
     gb.pack(fields)
     assert torch.equal(gg.dequantize(fields, n), seen)
     assert torch.equal(gg.requantize(W, fields).q, fields.q)
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", list(DATA))
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_fast_effort_still_at_most_llama_cpp(t: T, kind: str, data: dict) -> None:
+    """`--opt effort=fast` trades part of the margin for speed, never the win over llama.cpp."""
+    w = _get(data, kind)
+    for imp in (None, _importance()):
+        ours = gg.weighted_error(w, gg.fit(w, t, imp, effort="fast"), imp)
+        ref = _ref_error(w, t, imp)
+        assert ours <= ref, f"{t.name} {kind} importance={imp is not None}: {ours:.6g} > llama.cpp {ref:.6g}"
+
+
+def test_effort_auto_and_bad_name() -> None:
+    w = torch.randn(8, 256, generator=_gen(7))
+    imp = _importance(256)
+    best = gg.fit(w, T.Q4_K, imp, effort="best")
+    auto = gg.fit(w, T.Q4_K, imp, effort="auto")
+    assert torch.equal(gb.pack(best), gb.pack(auto))  # importance given: the full search
+    assert torch.equal(gb.pack(gg.fit(w, T.Q4_K, effort="auto")), gb.pack(gg.fit(w, T.Q4_K, effort="fast")))
+    with pytest.raises(ValueError, match="effort"):
+        gg.fit(w, T.Q4_K, effort="slow")

@@ -21,7 +21,7 @@ def rtn(w: torch.Tensor, grid: Grid, clip: str = "minmax", importance: torch.Ten
     if isinstance(grid, IntGrid):
         return quantize_weight(w, grid, clip=clip, importance=importance)
     if isinstance(grid, GGMLGrid):
-        fields = ggml_grid.fit(w, grid.ggml_type, importance)
+        fields = ggml_grid.fit(w, grid.ggml_type, importance, grid.effort)
         return with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, importance)
     raise TypeError(f"RTN cannot quantize onto {grid!r}")
 

@@ -741,67 +741,86 @@ _CFG: dict[GGMLType, _Cfg] = {
 }
 
 
+# effort "fast": about a third of the trials (a quarter for Q4_K), still below llama.cpp's error on the tests' gaussian,
+# heavy-tailed and real (SmolLM2) weights, with and without importance (tests/ggml_ref.py prints the ratios).
+# Q2_K and Q3_K keep the full search: their error gains over llama.cpp are the smallest and they are cheap anyway.
+_CFG_FAST: dict[GGMLType, _Cfg] = {
+    **_CFG,
+    GGMLType.Q8_0: _Cfg(_span(3, 0.0, 4.0), lloyd=1),
+    GGMLType.Q4_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
+    GGMLType.Q5_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
+    GGMLType.Q4_1: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), lloyd=1),
+    GGMLType.Q5_1: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), lloyd=1),
+    GGMLType.IQ4_NL: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
+    GGMLType.Q4_K: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), rounds=0, spread=1, d_trials=1, lloyd=1),
+    GGMLType.Q5_K: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), rounds=0, spread=1, d_trials=1, lloyd=1),
+    GGMLType.Q6_K: _Cfg(_span(3, 0.0, 4.0), d_trials=1, lloyd=1, rounds=0),
+    GGMLType.IQ4_XS: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
+}
+EFFORTS = ("best", "fast", "auto")
+
+
 def _u8(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.uint8)
 
 
-def _chunk_q8_0(x, w, ws):
-    d, q = _fit_sym_single(x, w, _LV_Q8_0, _CFG[GGMLType.Q8_0], 127.0, ws)
+def _chunk_q8_0(x, w, ws, cfgs=_CFG):
+    d, q = _fit_sym_single(x, w, _LV_Q8_0, cfgs[GGMLType.Q8_0], 127.0, ws)
     return Q8_0Fields(d=d, q=q.to(torch.int8))
 
 
-def _chunk_q4_0(x, w, ws):
-    d, q = _fit_sym_single(x, w, _LV_Q4_0, _CFG[GGMLType.Q4_0], -8.0, ws)
+def _chunk_q4_0(x, w, ws, cfgs=_CFG):
+    d, q = _fit_sym_single(x, w, _LV_Q4_0, cfgs[GGMLType.Q4_0], -8.0, ws)
     return Q4_0Fields(d=d, q=_u8(q))
 
 
-def _chunk_q5_0(x, w, ws):
-    d, q = _fit_sym_single(x, w, _LV_Q5_0, _CFG[GGMLType.Q5_0], -16.0, ws)
+def _chunk_q5_0(x, w, ws, cfgs=_CFG):
+    d, q = _fit_sym_single(x, w, _LV_Q5_0, cfgs[GGMLType.Q5_0], -16.0, ws)
     return Q5_0Fields(d=d, q=_u8(q))
 
 
-def _chunk_q4_1(x, w, ws):
-    d, m, q = _fit_affine_single(x, w, 15, _CFG[GGMLType.Q4_1], ws)
+def _chunk_q4_1(x, w, ws, cfgs=_CFG):
+    d, m, q = _fit_affine_single(x, w, 15, cfgs[GGMLType.Q4_1], ws)
     return Q4_1Fields(d=d, m=m, q=_u8(q))
 
 
-def _chunk_q5_1(x, w, ws):
-    d, m, q = _fit_affine_single(x, w, 31, _CFG[GGMLType.Q5_1], ws)
+def _chunk_q5_1(x, w, ws, cfgs=_CFG):
+    d, m, q = _fit_affine_single(x, w, 31, cfgs[GGMLType.Q5_1], ws)
     return Q5_1Fields(d=d, m=m, q=_u8(q))
 
 
-def _chunk_iq4_nl(x, w, ws):
-    d, q = _fit_sym_single(x, w, _LV_IQ4, _CFG[GGMLType.IQ4_NL], None, ws)
+def _chunk_iq4_nl(x, w, ws, cfgs=_CFG):
+    d, q = _fit_sym_single(x, w, _LV_IQ4, cfgs[GGMLType.IQ4_NL], None, ws)
     return IQ4_NLFields(d=d, q=_u8(q))
 
 
-def _chunk_q2_k(x, w, ws):
-    d, dm, sc, m, q = _fit_affine_k(x, w, 3, 15, _CFG[GGMLType.Q2_K], ws)
+def _chunk_q2_k(x, w, ws, cfgs=_CFG):
+    d, dm, sc, m, q = _fit_affine_k(x, w, 3, 15, cfgs[GGMLType.Q2_K], ws)
     return Q2_KFields(d=d, dmin=dm, sc=_u8(sc), m=_u8(m), q=_u8(q))
 
 
-def _chunk_q4_k(x, w, ws):
-    d, dm, sc, m, q = _fit_affine_k(x, w, 15, 63, _CFG[GGMLType.Q4_K], ws)
+def _chunk_q4_k(x, w, ws, cfgs=_CFG):
+    d, dm, sc, m, q = _fit_affine_k(x, w, 15, 63, cfgs[GGMLType.Q4_K], ws)
     return Q4_KFields(d=d, dmin=dm, sc=_u8(sc), m=_u8(m), q=_u8(q))
 
 
-def _chunk_q5_k(x, w, ws):
-    d, dm, sc, m, q = _fit_affine_k(x, w, 31, 63, _CFG[GGMLType.Q5_K], ws)
+def _chunk_q5_k(x, w, ws, cfgs=_CFG):
+    d, dm, sc, m, q = _fit_affine_k(x, w, 31, 63, cfgs[GGMLType.Q5_K], ws)
     return Q5_KFields(d=d, dmin=dm, sc=_u8(sc), m=_u8(m), q=_u8(q))
 
 
-def _chunk_q3_k(x, w, ws):
-    d, sc, q = _fit_sym_k(x, w, _LV_Q3_K, -32, 31, _CFG[GGMLType.Q3_K], ws)
+def _chunk_q3_k(x, w, ws, cfgs=_CFG):
+    d, sc, q = _fit_sym_k(x, w, _LV_Q3_K, -32, 31, cfgs[GGMLType.Q3_K], ws)
     return Q3_KFields(d=d, sc=sc.to(torch.int8), q=_u8(q))
 
 
-def _chunk_q6_k(x, w, ws):
-    d, sc, q = _fit_sym_k(x, w, _LV_Q6_K, -128, 127, _CFG[GGMLType.Q6_K], ws)
+def _chunk_q6_k(x, w, ws, cfgs=_CFG):
+    d, sc, q = _fit_sym_k(x, w, _LV_Q6_K, -128, 127, cfgs[GGMLType.Q6_K], ws)
     return Q6_KFields(d=d, sc=sc.to(torch.int8), q=_u8(q))
 
 
-def _chunk_iq4_xs(x, w, ws):
-    d, sc, q = _fit_sym_k(x, w, _LV_IQ4, -32, 31, _CFG[GGMLType.IQ4_XS], ws)
+def _chunk_iq4_xs(x, w, ws, cfgs=_CFG):
+    d, sc, q = _fit_sym_k(x, w, _LV_IQ4, -32, 31, cfgs[GGMLType.IQ4_XS], ws)
     return IQ4_XSFields(d=d, sc=_u8(sc + 32), q=_u8(q))
 
 
@@ -809,7 +828,7 @@ def _chunk_iq4_xs(x, w, ws):
 class _Spec:
     """How one GGML type's fields are chosen and how its codes decode (see ``element_grid``)."""
 
-    fit_chunk: Callable[[torch.Tensor, torch.Tensor | None, _Ws], BlockFields]
+    fit_chunk: Callable[..., BlockFields]  # (x, w, ws, cfgs) -> fields
     levels: _Levels
     sub: int  # elements per sub-block scale
     q_dtype: torch.dtype
@@ -867,7 +886,7 @@ def _concat_fields(parts: list[BlockFields]) -> BlockFields:
 
 
 @torch.no_grad()
-def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None) -> BlockFields:
+def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None, effort: str = "best") -> BlockFields:
     """Choose every field of a GGML tensor of type ``ggml_type`` for the weights ``w``.
 
     w: float [rows, n] (any float dtype, any device; computed in float32), n a multiple of BLOCK_SIZE[type].
@@ -875,9 +894,14 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None)
     Returns the type's ``<T>Fields`` for ``rows * n / BLOCK_SIZE`` blocks in row-major order (block b covers row
     ``b // (n / BLOCK_SIZE)``, columns from ``(b % (n / BLOCK_SIZE)) * BLOCK_SIZE``), on ``w.device``. The fields
     (heuristically) minimise Σ importance[col]·(w − dequant)², or Σ (w − dequant)² without importance.
+    effort: "best" (the full search), "fast" (about a third of the trials, still below llama.cpp's error), "auto"
+    (best with importance weights, fast without).
     Raises ValueError for a bad shape, a non-finite weight, or a bad importance vector; NotImplementedError for a type
     outside ``SUPPORTED_TYPES``.
     """
+    if effort not in EFFORTS:
+        raise ValueError(f"effort {effort!r}: choose one of {', '.join(EFFORTS)}")
+    cfgs = _CFG if effort == "best" or (effort == "auto" and importance is not None) else _CFG_FAST
     t, spec = _spec(ggml_type)
     rows, n = _check_w(w, t)
     bs = BLOCK_SIZE[t]
@@ -916,7 +940,7 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None)
         if wrow is not None:
             wt = ws.empty("w", shape, x.device)
             wt.view(sub, n_sub, r, nbpr).copy_(wrow.unsqueeze(2).expand(sub, n_sub, r, nbpr))
-        parts.append(spec.fit_chunk(xt, wt, ws))
+        parts.append(spec.fit_chunk(xt, wt, ws, cfgs))
     return _concat_fields(parts)
 
 

@@ -248,7 +248,7 @@ def gptq_ggml(
             if i % bs == 0:
                 # Fit the next block's fields on its current (error-updated) columns.
                 b0 = i
-                f = ggml_grid.fit(W1[:, b0 : b0 + bs], t, diag[i1 + b0 : i1 + b0 + bs])
+                f = ggml_grid.fit(W1[:, b0 : b0 + bs], t, diag[i1 + b0 : i1 + b0 + bs], grid.effort)
                 fields = f
                 eg = ggml_grid.element_grid(f, out_f)
                 codes = torch.empty(out_f, bs, dtype=f.q.dtype, device=W.device)

@@ -332,7 +332,7 @@ def quantize_ggml(w: torch.Tensor, grid, cfg: HQQConfig, importance: torch.Tenso
     if w.shape[1] % bs:
         raise ValueError(f"rows of {w.shape[1]} do not divide {grid.name}'s block of {bs}")
     ours = _ggml_fields(w, grid.ggml_type, cfg)
-    ref = ggml_grid.fit(w, grid.ggml_type, importance)
+    ref = ggml_grid.fit(w, grid.ggml_type, importance, getattr(grid, "effort", "best"))
     wb = w.float().reshape(-1, bs)
     imp = 1.0 if importance is None else importance.float().reshape(1, -1).expand(w.shape[0], -1).reshape(-1, bs)
     e_ours = ((dequantize_blocks(ours) - wb).square() * imp).sum(dim=1)

@@ -88,6 +88,8 @@ class GGMLGrid:
     """A llama.cpp block type (Q4_K, Q8_0, IQ4_XS, …) as a quantization target; the type fixes everything."""
 
     ggml_type: int
+    # search effort of qconv.quant.ggml_grid.fit: "best", "fast", or "auto" (best with importance weights, else fast)
+    effort: str = "best"
 
     @property
     def name(self) -> str:
