@@ -136,6 +136,8 @@ class ResumeStore:
         target = Path(target).resolve()
         self.dir = target.parent / f".{target.name}.qconv-resume"
         self.fp = fp
+        self._pending: threading.Thread | None = None  # a background commit in flight
+        self._error: BaseException | None = None  # its failure, re-raised by wait()
 
     def start(self, resume: bool, temp_output: Path) -> int:
         """Index of the first layer to compute (0 for a fresh run). With ``resume``, a checkpoint made for a
@@ -212,10 +214,10 @@ class ResumeStore:
 
     def wait(self) -> None:
         """Finish a background commit; re-raise its error (e.g. a full disk) in the caller."""
-        t, self._pending = getattr(self, "_pending", None), None
+        t, self._pending = self._pending, None
         if t is not None:
             t.join()
-        err, self._error = getattr(self, "_error", None), None
+        err, self._error = self._error, None
         if err is not None:
             raise err
 
