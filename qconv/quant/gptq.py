@@ -211,7 +211,7 @@ def gptq_int_many(
             codes=codes[r0:r1].clone() if len(ws) > 1 else codes,
             scales=scales[r0:r1].clone() if len(ws) > 1 else scales,
             zeros=zeros[r0:r1].clone() if len(ws) > 1 else zeros,
-            g_idx=gidx32,
+            g_idx=gidx32.clone() if gidx32 is not None and len(ws) > 1 else gidx32,
         )
         qt = with_error_stats(qt, x, imp)
         qt.stats["gptq_damp"] = used
