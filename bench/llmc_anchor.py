@@ -31,6 +31,10 @@ def main() -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.cuda.is_available():
+        # CPU workaround: llm-compressor's AWQ pins its activation cache (pipelines/cache.py), which raises "Cannot
+        # access accelerator device" without one; pinning only speeds host→GPU copies, so without a GPU it is a no-op.
+        torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
     ids = json.load(open(a.tokens))
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
     # float32 on CPU, as qconv computes there: CPU bf16 matmuls are several times slower and would handicap it

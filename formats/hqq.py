@@ -49,17 +49,17 @@ def pack_codes(codes: torch.Tensor, nbits: int) -> torch.Tensor:
         return codes.to(torch.uint8).contiguous()
     if packing == "3bit_32":
         rows = -(-codes.shape[0] // 10) * 10
-        x = torch.zeros(rows, codes.shape[1], dtype=torch.int32)
+        x = torch.zeros(rows, codes.shape[1], dtype=torch.int32, device=codes.device)
         x[: codes.shape[0]] = codes.to(torch.int32)
         step = rows // 10
-        out = torch.zeros(step, codes.shape[1], dtype=torch.int32)
+        out = torch.zeros(step, codes.shape[1], dtype=torch.int32, device=codes.device)
         for k in range(10):
             out |= x[k * step : (k + 1) * step] << (27 - 3 * k)
         return out
     chunks, width = {"4bit_u8": (2, 4), "2bit_u8": (4, 2), "1bit_u8": (8, 1)}[packing]
     step = codes.shape[0] // chunks
     x = codes.to(torch.int32)
-    out = torch.zeros(step, codes.shape[1], dtype=torch.int32)
+    out = torch.zeros(step, codes.shape[1], dtype=torch.int32, device=codes.device)
     for k in range(chunks):
         out |= x[k * step : (k + 1) * step] << (8 - width - k * width)
     return out.to(torch.uint8)

@@ -295,7 +295,7 @@ def _ggml_fields(w: torch.Tensor, ggml_type: int, cfg: HQQConfig):
     mn = -(zero[:, 0] * s)  # the block's offset: value = s·q + mn
     if ggml_type in (3, 7):
         d = s.to(torch.float16)
-        q0 = torch.zeros(wg.shape, dtype=torch.uint8)
+        q0 = torch.zeros(wg.shape, dtype=torch.uint8, device=w.device)
         cls = gb.Q4_1Fields if ggml_type == 3 else gb.Q5_1Fields
         fields = cls(d=d, m=mn.to(torch.float16), q=q0)
     else:  # Q4_K: 8 sub-blocks per super-block; value = (d·sc)·q − (dmin·m), sc and m in 0…63
@@ -304,7 +304,7 @@ def _ggml_fields(w: torch.Tensor, ggml_type: int, cfg: HQQConfig):
         dmin = (m8.amax(dim=1) / 63).to(torch.float16)
         sc = torch.round(s8 / d.float().clamp_min(1e-30)[:, None]).clamp(0, 63).to(torch.uint8)
         m = torch.round(m8 / dmin.float().clamp_min(1e-30)[:, None]).clamp(0, 63).to(torch.uint8)
-        q0 = torch.zeros(s8.shape[0], 256, dtype=torch.uint8)
+        q0 = torch.zeros(s8.shape[0], 256, dtype=torch.uint8, device=w.device)
         fields = gb.Q4_KFields(d=d, dmin=dmin, sc=sc, m=m, q=q0)
     return ggml_grid.requantize(w.float(), fields)
 

@@ -157,7 +157,7 @@ def choose_absmax(w: torch.Tensor, blocksize: int) -> torch.Tensor:
     step = max(blocksize, _NF4_CHUNK // blocksize * blocksize)
     for k in range(0, flat.numel(), step):
         out.append(_blocks(flat[k : k + step].float(), blocksize).abs().amax(dim=1))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out) if out else torch.zeros(0, device=w.device)
 
 
 def _sorted_midpoints(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,9 +170,9 @@ def _sorted_midpoints(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_codes(w: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int) -> torch.Tensor:
     """uint8 [numel]: each value's nearest code-table index, scaled by its block's absmax (see module doc)."""
-    mids, order = _sorted_midpoints(code_table(quant_type))
     flat = w.reshape(-1)
-    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    mids, order = (t.to(flat.device) for t in _sorted_midpoints(code_table(quant_type)))
+    codes = torch.empty(flat.numel(), dtype=torch.uint8, device=flat.device)
     step = max(blocksize, _NF4_CHUNK // blocksize * blocksize)
     for k in range(0, flat.numel(), step):
         chunk = flat[k : k + step].float()
@@ -210,7 +210,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     v = (blocks * inv.unsqueeze(1)).clamp(-1, 1)
     point = ((v + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation (values are ≥ 0)
     point = point.clamp(0, _LUT_SIZE - 1)  # only NaN (0/0) can leave the range; those blocks are zeroed below
-    q = _dynamic_lut()[point]
+    q = _dynamic_lut().to(point.device)[point]
     q[am == 0] = 0
     return q.reshape(-1)[:n].to(torch.uint8), am
 
