@@ -3,7 +3,8 @@
 The CPU suite never puts a tensor on a GPU, so device mix-ups (a code table or packing buffer left on the CPU while
 the weights are on cuda) only show here: the bench on the lent H100 found three (NF4/FP4 codes, HQQ 4-bit packing).
 CPU and CUDA float arithmetic differ in the last bits (matmul order, fused ops), so the check is on the dequantized
-weights: CUDA's artifact must be as close to CPU's as a small fraction of the quantization error itself.
+weights: for direct methods CUDA's artifact lies within a tenth of the quantization error of CPU's; for searches
+(calibrated, GGUF block scales) its quantization error is no worse than CPU's by more than a quarter.
 """
 
 from __future__ import annotations
@@ -37,14 +38,10 @@ CASES = {
 }  # fmt: skip
 
 
-def _artifact(path):
-    return path / "model.gguf" if (path / "model.gguf").exists() else path
-
-
 def _linears(path) -> dict[str, torch.Tensor]:
     from qconv.model.source import open_source
 
-    src = open_source(str(_artifact(path)))
+    src = open_source(str(path))
     try:
         return {n: src.read(n).float() for n in src.names() if ".layers." in n and n.endswith("proj.weight")}
     finally:
