@@ -180,10 +180,11 @@ def _pack_planes(q: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """Inverse of ``_unpack_planes``: values uint8 [nb, n] each < 2**bits -> uint8 [nb, n * bits // 8]."""
     nb, n = q.shape
     per_byte = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=q.device).view(-1, 1)
-    # Fields are disjoint bit ranges, so summing the shifted planes is the same as OR-ing them.
-    packed = (q.reshape(nb, n // (per_byte * group), per_byte, group).to(torch.int32) << shifts).sum(dim=-2)
-    return packed.to(torch.uint8).reshape(nb, n // per_byte)
+    planes = q.to(torch.uint8).reshape(nb, n // (per_byte * group), per_byte, group)
+    packed = planes[:, :, 0].clone()
+    for p in range(1, per_byte):  # disjoint bit ranges of one byte: OR the shifted planes in (no widening)
+        packed |= planes[:, :, p] << (p * bits)
+    return packed.reshape(nb, n // per_byte)
 
 
 def _unpack_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,8 +228,10 @@ def _check_ints(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int
     """Check an integer field has the given dtype/shape and every value lies in [lo, hi]."""
     if t.dtype != dtype or tuple(t.shape) != shape:
         raise ValueError(f"field {name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-    if t.numel() and (int(t.min()) < lo or int(t.max()) > hi):
-        raise ValueError(f"field {name}: values must lie in [{lo}, {hi}], got [{int(t.min())}, {int(t.max())}]")
+    if t.numel():
+        tmin, tmax = (int(v) for v in torch.aminmax(t))
+        if tmin < lo or tmax > hi:
+            raise ValueError(f"field {name}: values must lie in [{lo}, {hi}], got [{tmin}, {tmax}]")
 
 
 def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
@@ -237,8 +240,11 @@ def _f16_to_f32(h: torch.Tensor) -> torch.Tensor:
     torch's cast quiets signalling NaNs (sets the top mantissa bit); numpy's, which gguf-py uses, only shifts the
     payload. Every non-NaN value widens exactly, so only NaN lanes are rebuilt from the bits.
     """
-    if not bool(torch.isnan(h).any()):  # the common case: a plain cast is exact
-        return h.to(torch.float32)
+    out = h.to(torch.float32)
+    # The common case, no NaN: the plain cast is exact. (NaN-free float32 sums are never NaN: checked in one pass
+    # over the float32 copy, several times cheaper than isnan on float16; an inf − inf sum only costs the slow path.)
+    if not bool(torch.isnan(out.sum())):
+        return out
     bits = h.view(torch.int16).to(torch.int32) & 0xFFFF
     is_nan = ((bits & 0x7C00) == 0x7C00) & ((bits & 0x03FF) != 0)
     nan_bits = ((bits & 0x8000) << 16) | 0x7F800000 | ((bits & 0x03FF) << 13)
@@ -259,6 +265,15 @@ def _sub(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a - b with ``_add``'s NaN choice."""
     nan = torch.isnan(a)
     return torch.where(nan, a, a - b) if bool(nan.any()) else a - b
+
+
+def _affine(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, sign: float) -> torch.Tensor:
+    """scale·q + sign·offset (float32, broadcasting), rounded as gguf-py rounds it. ``q`` is a fresh float32 tensor
+    and is consumed. With finite per-block scales and offsets (the small tensors) no product can be NaN, so the
+    result is computed in place; otherwise through ``_add``/``_sub`` for their NaN payload choice."""
+    if bool(torch.isfinite(scale).all()) and bool(torch.isfinite(offset).all()):
+        return q.mul_(scale).add_(offset, alpha=sign)
+    return _add(scale * q, offset) if sign > 0 else _sub(scale * q, offset)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -493,7 +508,7 @@ def unpack_q4_1(raw: torch.Tensor) -> Q4_1Fields:
 
 def dequantize_q4_1(f: Q4_1Fields) -> torch.Tensor:
     """Q4_1Fields -> float32 [nb, 32]."""
-    return _add(_f32(f.d)[:, None] * _f32(f.q), _f32(f.m)[:, None])
+    return _affine(_f32(f.q), _f32(f.d)[:, None], _f32(f.m)[:, None], 1.0)
 
 
 def pack_q5_0(f: Q5_0Fields) -> torch.Tensor:
@@ -534,7 +549,7 @@ def unpack_q5_1(raw: torch.Tensor) -> Q5_1Fields:
 
 def dequantize_q5_1(f: Q5_1Fields) -> torch.Tensor:
     """Q5_1Fields -> float32 [nb, 32]."""
-    return _add(_f32(f.d)[:, None] * _f32(f.q), _f32(f.m)[:, None])
+    return _affine(_f32(f.q), _f32(f.d)[:, None], _f32(f.m)[:, None], 1.0)
 
 
 def pack_q8_0(f: Q8_0Fields) -> torch.Tensor:
@@ -552,7 +567,7 @@ def unpack_q8_0(raw: torch.Tensor) -> Q8_0Fields:
 
 def dequantize_q8_0(f: Q8_0Fields) -> torch.Tensor:
     """Q8_0Fields -> float32 [nb, 32]."""
-    return _f32(f.q) * _f32(f.d)[:, None]
+    return _f32(f.q).mul_(_f32(f.d)[:, None])
 
 
 def pack_iq4_nl(f: IQ4_NLFields) -> torch.Tensor:
@@ -644,7 +659,7 @@ def dequantize_q2_k(f: Q2_KFields) -> torch.Tensor:
     """Q2_KFields -> float32 [nb, 256]."""
     dl = (_f32(f.d)[:, None] * _f32(f.sc))[..., None]
     ml = (_f32(f.dmin)[:, None] * _f32(f.m))[..., None]
-    return _sub(dl * _sub_blocks(_f32(f.q), 16), ml).reshape(-1, QK_K)
+    return _affine(_sub_blocks(_f32(f.q), 16), dl, ml, -1.0).reshape(-1, QK_K)
 
 
 def pack_q3_k(f: Q3_KFields) -> torch.Tensor:
@@ -691,7 +706,7 @@ def _check_k_fields(f: Q4_KFields | Q5_KFields, q_max: int) -> int:
 def _dequantize_k_affine(f: Q4_KFields | Q5_KFields) -> torch.Tensor:
     dl = (_f32(f.d)[:, None] * _f32(f.sc))[..., None]
     ml = (_f32(f.dmin)[:, None] * _f32(f.m))[..., None]
-    return _sub(dl * _sub_blocks(_f32(f.q), 8), ml).reshape(-1, QK_K)
+    return _affine(_sub_blocks(_f32(f.q), 8), dl, ml, -1.0).reshape(-1, QK_K)
 
 
 def pack_q4_k(f: Q4_KFields) -> torch.Tensor:
@@ -768,7 +783,7 @@ def unpack_q6_k(raw: torch.Tensor) -> Q6_KFields:
 def dequantize_q6_k(f: Q6_KFields) -> torch.Tensor:
     """Q6_KFields -> float32 [nb, 256]."""
     dl = (_f32(f.d)[:, None] * _f32(f.sc))[..., None]
-    return (dl * _sub_blocks(_f32(f.q.to(torch.int16) - 32), 16)).reshape(-1, QK_K)
+    return _sub_blocks(f.q.to(torch.float32).sub_(32), 16).mul_(dl).reshape(-1, QK_K)
 
 
 def pack_q8_k(f: Q8_KFields) -> torch.Tensor:

@@ -7,6 +7,7 @@ times go to the ``--json`` summary instead.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import math
 import platform
@@ -63,16 +64,21 @@ class BackgroundDigests:
 
 
 def versions() -> dict:
-    import safetensors
     import torch
-    import transformers
+
+    def dist(name: str) -> str | None:
+        # from the installed metadata: importing transformers only to read its version costs seconds
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
 
     return {
         "qconv": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__.split("+")[0],
-        "transformers": transformers.__version__,
-        "safetensors": safetensors.__version__,
+        "transformers": dist("transformers"),
+        "safetensors": dist("safetensors"),
     }
 
 

@@ -30,7 +30,7 @@ from qconv.manifest import BackgroundDigests, build_manifest, write_manifest, wr
 from qconv.memory import trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.methods.rtn import rtn
-from qconv.model.runner import LayerRunner, compute_dtype
+from qconv.model.runner import LayerRunner, compute_dtype, load_weights
 from qconv.model.source import TensorSource, open_source
 from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
@@ -167,6 +167,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         )
         plan = writer.plan(source, req, patterns, dtype)
         importance = load_importance(cfg.method_options.get("importance", "none"), source, plan)
+        a = source.adapter
         method = method_cls(MethodOptions(clip=cfg.clip, extra={**cfg.method_options, "importance": importance}))
         grids = sorted({g.name for g in plan.grids.values()})
         reporter.log(
@@ -175,7 +176,11 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         )
         for note, count in Counter(plan.notes.values()).most_common():
             reporter.log(f"  {count} tensor{'s' if count > 1 else ''}: {note}")
-        runner = LayerRunner(source, device, compute_dtype(device))
+        # Without calibration nothing runs through the layers: their bare tensors suffice (no transformers import,
+        # no layer classes), except for fused MoE experts, which the real layer unfuses.
+        runner = None
+        if method.needs_calibration or a.experts is not None:
+            runner = LayerRunner(source, device, compute_dtype(device))
         calib = None
         hidden = None
         if method.needs_calibration:
@@ -209,7 +214,6 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
         weight_dtype = source.weights_dtype()
-        a = source.adapter
 
         def put(kind: str, name: str, value, stats: dict | None, log: list | None = None) -> None:
             """Hand one tensor to the writer (recording the call in ``log`` for the resume checkpoint)."""
@@ -245,7 +249,10 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 t_layer = time.perf_counter()
                 log: list | None = [] if run.checkpoint else None  # the layer's writes, for its checkpoint
                 # Without calibration the layer only carries weights: keep them in their stored precision.
-                layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
+                if runner is None:
+                    layer = load_weights(source, i, device, weight_dtype)
+                else:
+                    layer = runner.load_layer(i, dtype=None if hidden is not None else weight_dtype)
                 prefix = a.layer_prefix(i)
                 linears = [lin for lin in a.linears if f"{prefix}{lin}.weight" in plan.method]
 
@@ -266,7 +273,8 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 qts = method.quantize_layer(lctx)
                 for lin in linears:
                     qt = qts.pop(lin)
-                    lctx.set_weight(lin, qt.dequantize())  # the weights loaders will compute
+                    if hidden is not None:  # the next calibration pass computes with the weights loaders will
+                        lctx.set_weight(lin, qt.dequantize())
                     put("quantized", f"{prefix}{lin}.weight", qt, stats_row(qt), log)
                     del qt
                     trim()

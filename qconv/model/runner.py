@@ -39,6 +39,24 @@ def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     return table[name]
 
 
+def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Decoder layer ``i``'s tensors as a bare module tree (``layer.get_submodule("self_attn.q_proj").weight``),
+    on ``device``, in ``dtype`` or as stored. No forward pass and no transformers: what a method needs when nothing
+    runs through the layer (no calibration), at none of the cost of building the real layer class."""
+    prefix = source.adapter.layer_prefix(i)
+    root = nn.Module()
+    for name in source.layer_tensor_names(i):
+        *path, leaf = name[len(prefix) :].split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        t = source.read(name).to(device, dtype or None)
+        m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+    return root
+
+
 class LayerRunner:
     """Embedding, decoder layers and head of a model, materialised one at a time from ``source``.
 

