@@ -206,17 +206,18 @@ def anchor_hqq(base: Path, out: Path, bits: int, group: int, device: str) -> dic
 
 
 def qconv_hqq_calls(base: Path, bits: int, group: int, fmt: str, device: str) -> dict:
-    """qconv's HQQ timed like ``anchor_hqq`` times hqq's: every linear quantized and packed into its layout (the
-    pure function ``quantize_one`` + the format's packer: what HQQLinear's constructor does), synchronised per call
-    on ``device`` after a warm-up; no file I/O, verification or process start. ``fmt``: "ct" (integer zeros,
-    compressed-tensors pack) or "hqq" (float zeros, the HQQLinear layout)."""
+    """qconv's HQQ timed like ``anchor_hqq`` times hqq's: every linear quantized and packed into its layout (what
+    HQQLinear's constructor does), synchronised per call on ``device`` after a warm-up; no file I/O, verification or
+    process start. As `qconv quantize --method hqq` does, a decoder layer's linears are one batched fit on a GPU
+    (qconv.quant.hqq.quantize_many), one at a time on a CPU. ``fmt``: "ct" (integer zeros, compressed-tensors pack)
+    or "hqq" (float zeros, the HQQLinear layout)."""
     import torch
 
     from qconv.formats.compressed_tensors import pack_ct
     from qconv.formats.hqq import hqq_tensors
     from qconv.methods.base import MethodOptions
-    from qconv.methods.hqq import HQQ, quantize_one
-    from qconv.quant.hqq import HQQGrid
+    from qconv.methods.hqq import HQQ
+    from qconv.quant.hqq import HQQGrid, quantize_many
     from qconv.quant.tensor import IntGrid
 
     sd = _load_base(base)
@@ -225,21 +226,27 @@ def qconv_hqq_calls(base: Path, bits: int, group: int, fmt: str, device: str) ->
     if fmt == "hqq":
         grid = HQQGrid(bits, group, False, torch.bfloat16, axis=1)
 
-        def call(w: torch.Tensor):
-            return hqq_tensors(quantize_one(w, grid, cfg), torch.bfloat16)
+        def pack(qt):
+            return hqq_tensors(qt, torch.bfloat16)
     else:
         grid = IntGrid(bits, group, False, torch.bfloat16)
+        pack = pack_ct
 
-        def call(w: torch.Tensor):
-            return pack_ct(quantize_one(w, grid, cfg))
+    def call(ws: list[torch.Tensor]) -> None:
+        for qt in quantize_many(ws, grid, cfg):
+            pack(qt)
 
-    call(torch.randn(256, 576, dtype=torch.bfloat16, device=device))  # warm-up: CUDA context, kernels
-    seconds = 0.0
+    call([torch.randn(256, 576, dtype=torch.bfloat16, device=device)])  # warm-up: CUDA context, kernels
+    by_layer: dict[str, list[str]] = {}
     for name in lins:
-        w = sd[name].to(device)
+        by_layer.setdefault(name.split(".mlp.")[0].split(".self_attn.")[0], []).append(name)
+    batches = list(by_layer.values()) if device.startswith("cuda") else [[n] for n in lins]
+    seconds = 0.0
+    for names in batches:
+        ws = [sd[n].to(device) for n in names]
         _sync(device)
         t0 = time.perf_counter()
-        call(w)
+        call(ws)
         _sync(device)
         seconds += time.perf_counter() - t0
     return {"quant_seconds": seconds, "linears": len(lins), "format": fmt}

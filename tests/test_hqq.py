@@ -281,3 +281,21 @@ def test_hqq_bad_options(cli, smollm2_dir, tmp_path):
     assert r.code == 2 and "lp_norm" in r.stderr
     r = cli("quantize", smollm2_dir, "--method", "hqq", "--opt", "axis=2", "--out", tmp_path / "z")
     assert r.code == 2 and "axis" in r.stderr
+
+
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_batched_layer_fit_equals_one_by_one(float_zero: bool) -> None:
+    """quantize_many (a layer's linears in one batch, per-weight early stopping) gives every weight exactly what
+    fitting it alone gives, for both zero kinds and both solvers."""
+    from qconv.quant import hqq as hq
+
+    g = torch.Generator().manual_seed(7)
+    ws = [torch.randn(r, 128, generator=g) * s for r, s in ((64, 0.02), (32, 0.5), (96, 0.001))]
+    grid = hq.HQQGrid(4, 64, False, torch.bfloat16, axis=1) if float_zero else IntGrid(3, 64, False, torch.bfloat16)
+    for opt in (False, True):
+        cfg = hq.HQQConfig(optimize_scale=opt)
+        batched = hq.quantize_many(ws, grid, cfg)
+        for w, b in zip(ws, batched):
+            alone = hq.quantize_many([w], grid, cfg)[0]
+            assert torch.equal(b.codes, alone.codes)
+            assert torch.equal(b.dequantize(torch.float32), alone.dequantize(torch.float32))

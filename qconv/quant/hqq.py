@@ -102,51 +102,94 @@ def _group_err(wg: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
 
 
 def optimize(
-    wg: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: int, cfg: HQQConfig, integer_zero: bool = False
+    wg: torch.Tensor,
+    inv: torch.Tensor,
+    zero: torch.Tensor,
+    qmax: int,
+    cfg: HQQConfig,
+    integer_zero: bool = False,
+    runs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """HQQ's half-quadratic solver on canonical groups wg float32 [G, g] from (inv_scale, zero) [G, 1].
 
     Each iteration: codes from the current parameters, the residual's lp-proximal shrinkage W_e, then the zero
     (and with ``cfg.optimize_scale`` the scale) that fit W − W_e best in least squares; β grows by κ. Unlike the
     hqq package, which keeps the last iterate, each group keeps the parameters with its least squared error seen
-    (the min-max start included), so the result is never worse than the start. Returns (inv_scale, zero).
+    (the min-max start included), so the result is never worse than the start. ``runs``: int64 [G], the weight
+    each group belongs to when several are fitted in one batch (early stopping is per weight, so the result is
+    the same as fitting each alone); None = one weight. Returns (inv_scale, zero).
     """
     if integer_zero:
         zero = zero.round().clamp(0, qmax)
-    # zero points alone (the hqq package's path) and, with optimize_scale, scale and zero together, both from the
-    # same start; each group keeps the better result, so the joint solver can only improve on the zero-only one
+    g = wg.shape[0]
+    if runs is None:
+        runs = torch.zeros(g, dtype=torch.long, device=wg.device)
     inf = torch.full_like(inv, float("inf"))
-    best_inv, best_zero, best = _solve(wg, inv, zero, inf, qmax, cfg, integer_zero, False)
-    if cfg.optimize_scale:
-        inv2, zero2, err2 = _solve(wg, inv, zero, inf, qmax, cfg, integer_zero, True)
-        better = err2 < best
-        best_inv, best_zero = torch.where(better, inv2, best_inv), torch.where(better, zero2, best_zero)
-    return best_inv, best_zero
+    if not cfg.optimize_scale:
+        best_inv, best_zero, _ = _solve(wg, inv, zero, inf, qmax, cfg, integer_zero, runs, None)
+        return best_inv, best_zero
+    # Zero points alone (the hqq package's path) and scale and zero together, both from the same start, batched as
+    # 2G groups (half the kernel launches and syncs, which bound the time on a GPU), each run still stopping on its
+    # own. Each group keeps the better of its two results: the joint run can only improve on the zero-only one.
+    n_runs = int(runs.max()) + 1 if g else 1
+    both_inv, both_zero, err = _solve(
+        torch.cat([wg, wg]), torch.cat([inv, inv]), torch.cat([zero, zero]), torch.cat([inf, inf]), qmax, cfg,
+        integer_zero, torch.cat([runs, runs + n_runs]), g,
+    )  # fmt: skip
+    better = err[g:] < err[:g]
+    return torch.where(better, both_inv[g:], both_inv[:g]), torch.where(better, both_zero[g:], both_zero[:g])
 
 
-def _solve(wg, inv, zero, best, qmax, cfg: HQQConfig, integer_zero: bool, with_scale: bool):
-    """One run of the solver from (inv, zero); ``best`` [G, 1] the squared errors to beat. Returns the best
+def _solve(wg, inv, zero, best, qmax, cfg: HQQConfig, integer_zero: bool, runs: torch.Tensor, joint_from):
+    """The solver from (inv, zero); ``best`` [G, 1] the squared errors to beat; ``runs`` int64 [G] the independent
+    run of each group (with early stopping a run stops when none of its groups improved, exactly as if run alone,
+    and its groups leave the batch); groups ≥ ``joint_from`` (None: none) refit their scale too. Returns the best
     (inv, zero, error) per group."""
     beta = cfg.beta
-    best_inv, best_zero = inv.clone(), zero.clone()
+    best_inv, best_zero, best = inv.clone(), zero.clone(), best.clone()
+    n = wg.shape[0]
+    n_runs = int(runs.max()) + 1 if n else 0
+    live = n_runs  # runs still iterating
+    idx = None  # the batch's groups (None: all n, in order)
+    w = wg
+    joint = None
+    if joint_from is not None:
+        joint = (torch.arange(n, device=wg.device) >= joint_from).unsqueeze(1)
     for i in range(max(cfg.iters, 1)):
-        q = _codes(wg, inv, zero, qmax)
+        q = _codes(w, inv, zero, qmax)
         wr = (q - zero) / inv
-        err = _group_err(wg, wr)
-        better = err < best
-        if cfg.early_stop and i > 0 and not bool(better.any()):
-            break
-        best = torch.where(better, err, best)
-        best_inv = torch.where(better, inv, best_inv)
-        best_zero = torch.where(better, zero, best_zero)
-        target = wg - shrink_lp(wg - wr, beta, cfg.lp_norm)
-        if with_scale:
-            # dequantization scale s minimising ||target − (q − zero)·s||²
+        err = _group_err(w, wr)
+        cur = best if idx is None else best[idx]
+        better = err < cur
+        if cfg.early_stop and i > 0:
+            # per run: did any of its groups improve? (one sync for all runs)
+            alive = torch.zeros(n_runs, device=w.device).scatter_reduce_(0, runs, better[:, 0].float(), "amax")
+            n_alive = int(alive.sum())
+            if n_alive == 0:
+                break
+            if n_alive < live:  # some runs stopped: drop their groups from the batch
+                keep = alive[runs].bool().nonzero().squeeze(1)
+                w, q, wr, err, better, cur = w[keep], q[keep], wr[keep], err[keep], better[keep], cur[keep]
+                inv, zero, runs = inv[keep], zero[keep], runs[keep]
+                joint = None if joint is None else joint[keep]
+                idx = keep if idx is None else idx[keep]
+                live = n_alive
+        if idx is None:
+            best = torch.where(better, err, best)
+            best_inv = torch.where(better, inv, best_inv)
+            best_zero = torch.where(better, zero, best_zero)
+        else:
+            best[idx] = torch.where(better, err, cur)
+            best_inv[idx] = torch.where(better, inv, best_inv[idx])
+            best_zero[idx] = torch.where(better, zero, best_zero[idx])
+        target = w - shrink_lp(w - wr, beta, cfg.lp_norm)
+        if joint is not None:
+            # dequantization scale s minimising ||target − (q − zero)·s||², for the joint run's groups
             qz = q - zero
             den = qz.square().sum(dim=1, keepdim=True)
             s = (target * qz).sum(dim=1, keepdim=True) / den.clamp_min(1e-12)
-            ok = (den > 0) & (s > 0)
-            inv = torch.where(ok, 1.0 / s.clamp_min(1e-30), inv).clamp(max=2e4)
+            ok = joint & (den > 0) & (s > 0)
+            inv = torch.where(ok, (1.0 / s.clamp_min(1e-30)).clamp(max=2e4), inv)
         zero = torch.mean(q - target * inv, dim=1, keepdim=True)
         if integer_zero:
             zero = zero.round().clamp(0, qmax)
@@ -171,18 +214,23 @@ def refit_scale(wg: torch.Tensor, inv: torch.Tensor, zero: torch.Tensor, qmax: i
 
 
 def fit(
-    wg: torch.Tensor, bits: int, cfg: HQQConfig, integer_zero: bool = False, round_zero: bool = False
+    wg: torch.Tensor,
+    bits: int,
+    cfg: HQQConfig,
+    integer_zero: bool = False,
+    round_zero: bool = False,
+    runs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical groups float32 [G, g] → (inv_scale, zero) [G, 1] float32 (integer-valued zeros with
-    ``integer_zero``, by ``cfg.int_zero``)."""
+    ``integer_zero``, by ``cfg.int_zero``). ``runs``: see ``optimize`` (several weights in one batch)."""
     qmax = (1 << bits) - 1
     inv, zero = init_params(wg, qmax, round_zero)
     if not integer_zero:
-        return optimize(wg, inv, zero, qmax, cfg)
+        return optimize(wg, inv, zero, qmax, cfg, runs=runs)
     if cfg.int_zero == "project":
-        inv, zero = optimize(wg, inv, zero, qmax, cfg, integer_zero=True)
+        inv, zero = optimize(wg, inv, zero, qmax, cfg, integer_zero=True, runs=runs)
     elif cfg.int_zero == "round":
-        inv, zero = optimize(wg, inv, zero, qmax, cfg)
+        inv, zero = optimize(wg, inv, zero, qmax, cfg, runs=runs)
         zero = zero.round().clamp(0, qmax)
     else:
         raise ValueError(f"int_zero must be 'project' or 'round', got {cfg.int_zero!r}")
@@ -239,33 +287,51 @@ class HQQTensor:
 
 def quantize_hqq(w: torch.Tensor, grid: HQQGrid, cfg: HQQConfig) -> HQQTensor:
     """Weight float [out, in] → HQQTensor with float zeros (the HQQLinear layout)."""
-    g = grid.group_len(tuple(w.shape))
-    if w.numel() % g:
-        raise ValueError(f"group size {g} does not divide the weight's {tuple(w.shape)} elements")
-    wg = to_groups(w, g, grid.axis)
-    inv, zero = fit(wg, grid.bits, cfg)
-    scale, zero = stored_params(inv, zero, grid.scale_dtype, float_zero=True)
-    codes = nearest_codes(wg, scale, zero, grid.qmax)
-    qt = HQQTensor(grid, from_groups(codes, tuple(w.shape), grid.axis), scale[:, 0], zero[:, 0])
-    return with_stats(qt, w)
+    return quantize_many([w], grid, cfg)[0]
 
 
 def quantize_int(w: torch.Tensor, grid: IntGrid, cfg: HQQConfig):
     """Weight float [out, in] → QuantizedTensor on a contiguous-group integer grid with integer zero points
     (compressed-tensors' asymmetric int), the zeros and scales chosen by HQQ."""
+    return quantize_many([w], grid, cfg)[0]
+
+
+def quantize_many(ws: list[torch.Tensor], grid: IntGrid, cfg: HQQConfig) -> list:
+    """Several weights float [out, in] (e.g. one decoder layer's linears) onto the same grid, fitted as one batch of
+    groups: the same result as one call each (per-weight early stopping), with a fraction of the kernel launches,
+    which bound HQQ's time on a GPU. ``grid``: an HQQGrid (→ HQQTensor, float zeros) or an asymmetric contiguous
+    IntGrid (→ QuantizedTensor, integer zeros)."""
     from qconv.quant.int_grid import with_error_stats
     from qconv.quant.tensor import QuantizedTensor
 
-    out_f, in_f = w.shape
-    g = grid.effective_group(in_f)
-    if in_f % g:
-        raise ValueError(f"group size {g} does not divide the {in_f} input columns")
-    wg = to_groups(w, g, 1)
-    inv, zero = fit(wg, grid.bits, cfg, integer_zero=True)
-    scale, zero = stored_params(inv, zero, grid.scale_dtype, float_zero=False)
-    codes = nearest_codes(wg, scale, zero, grid.qmax)
-    qt = QuantizedTensor(grid, codes.reshape(out_f, in_f), scale.reshape(out_f, -1), zero.reshape(out_f, -1))
-    return with_error_stats(qt, w)
+    float_zero = isinstance(grid, HQQGrid)
+    groups = []
+    for w in ws:
+        if float_zero:
+            g, axis = grid.group_len(tuple(w.shape)), grid.axis
+            if w.numel() % g:
+                raise ValueError(f"group size {g} does not divide the weight's {tuple(w.shape)} elements")
+        else:
+            g, axis = grid.effective_group(w.shape[1]), 1
+            if w.shape[1] % g:
+                raise ValueError(f"group size {g} does not divide the {w.shape[1]} input columns")
+        groups.append(to_groups(w, g, axis))
+    sizes = [x.shape[0] for x in groups]
+    wg = torch.cat(groups) if len(groups) > 1 else groups[0]
+    runs = torch.repeat_interleave(torch.arange(len(ws), device=wg.device), torch.tensor(sizes, device=wg.device))
+    inv, zero = fit(wg, grid.bits, cfg, integer_zero=not float_zero, runs=runs)
+    scale, zero = stored_params(inv, zero, grid.scale_dtype, float_zero=float_zero)
+    out = []
+    for w, wgi, sc, zr in zip(ws, groups, scale.split(sizes), zero.split(sizes)):
+        codes = nearest_codes(wgi, sc, zr, grid.qmax)
+        if float_zero:
+            qt = HQQTensor(grid, from_groups(codes, tuple(w.shape), grid.axis), sc[:, 0], zr[:, 0])
+            out.append(with_stats(qt, w))
+        else:
+            out_f, in_f = w.shape
+            qt = QuantizedTensor(grid, codes.reshape(out_f, in_f), sc.reshape(out_f, -1), zr.reshape(out_f, -1))
+            out.append(with_error_stats(qt, w))
+    return out
 
 
 def with_stats(qt: HQQTensor, w: torch.Tensor) -> HQQTensor:
