@@ -484,7 +484,8 @@ def _targets(res: dict) -> list[str]:
             lines.append(
                 f"- HQQ {b}-bit g64, KLD ≤ hqq's: qconv (compressed-tensors) {kld(ours):.5f} vs hqq "
                 f"{kld(pkg):.5f} = {kld(ours) / kld(pkg):.3f}× — {_met(k_ok)}{extra}. Time ≤ hqq's, like for like "
-                f"(quantize + pack calls alone, per linear, synchronised): qconv {_secs(calls.get(ours))} "
+                "(quantize + pack calls alone, synchronised: per decoder layer on the GPU, as `qconv quantize` "
+                f"batches them; per linear for hqq): qconv {_secs(calls.get(ours))} "
                 f"(compressed-tensors), {_secs(calls.get(fmt))} (hqq layout) vs hqq {res[pkg]['quant_s']:.2f} s — "
                 f"{_met(t_ok)}; qconv's whole layer loop (quantize, pack, verify, write) {res[ours]['quant_s']:.1f} s; "
                 f"whole command {res[ours]['wall']:.1f} s vs hqq's process {res[pkg]['wall']:.1f} s — {_met(w_ok)}."
