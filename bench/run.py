@@ -292,7 +292,9 @@ def suite_gguf_speed(out: Path, chunks: int) -> str:
             "rows divide 256, so these are real K-quants), F16 GGUF written by qconv; target qconv ≤ 1.5× llama.cpp.",
             "",
             "qconv's `--opt effort`: best (the default: the full block-scale search behind the quality table) and "
-            "fast (about a third of the trials; still below llama.cpp's weighted error on every type in the tests).",
+            "fast (about a third of the trials; for Q8_0 llama.cpp's own scale plus one least-squares step; still at "
+            "or below llama.cpp's weighted error on every type in the tests). Both run with qconv's per-tensor kernel "
+            "verification, error statistics and per-layer resume checkpoints on.",
             "",
             "| type | qconv effort | llama-quantize s | qconv s | ratio | llama.cpp RSS MiB | qconv RSS MiB |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -764,8 +764,9 @@ _CFG: dict[GGMLType, _Cfg] = {
 }
 
 
-# effort "fast": about a third of the trials (a quarter for Q4_K), still below llama.cpp's error on the tests' gaussian,
-# heavy-tailed and real (SmolLM2) weights, with and without importance (tests/ggml_ref.py prints the ratios).
+# effort "fast": about a third of the trials (a quarter for Q4_K; Q8_0: llama.cpp's scale + one least-squares step),
+# still at or below llama.cpp's error on the tests' gaussian, heavy-tailed and real (SmolLM2) weights, with and without
+# importance (tests/ggml_ref.py prints the ratios).
 # Q2_K and Q3_K keep the full search: their error gains over llama.cpp are the smallest and they are cheap anyway.
 _CFG_FAST: dict[GGMLType, _Cfg] = {
     **_CFG,
