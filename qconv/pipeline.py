@@ -257,7 +257,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 linears = [lin for lin in a.linears if f"{prefix}{lin}.weight" in plan.method]
 
                 def collect(wanted, layer=layer, i=i):
-                    with StatsCollector(layer, wanted) as stats:
+                    with StatsCollector(layer, wanted, stop_early=True) as stats:
                         runner.run(layer, i, hidden, run.batch_size, keep=False)
                     return stats
 

@@ -80,6 +80,11 @@ class LinearStats:
         return self.xtx / max(self.count, 1)
 
 
+class StopForward(Exception):
+    """Raised by a collector's hook (``stop_early``) once every wanted linear has seen the current batch: the rest of
+    the layer's forward pass computes nothing the statistics need (``LayerRunner.run(keep=False)`` catches it)."""
+
+
 class StatsCollector:
     """Context manager: hooks the named linears of a module and accumulates their input statistics.
 
@@ -88,8 +93,12 @@ class StatsCollector:
     >>> stats["mlp.down_proj"].hessian
     """
 
-    def __init__(self, module: nn.Module, wanted: dict[str, Iterable[str]]):
+    def __init__(self, module: nn.Module, wanted: dict[str, Iterable[str]], stop_early: bool = False):
         self.module = module
+        # GPTQ's true-sequential steps ask for q/k/v's inputs (the input norm's output), then o's, then gate/up's:
+        # stopping each pass at its last wanted linear skips most of the layer's compute.
+        self.stop_early = stop_early
+        self._seen: set[str] = set()
         self.wanted = {name: frozenset(kinds) for name, kinds in wanted.items()}
         for kinds in self.wanted.values():
             unknown = kinds - set(KINDS)
@@ -99,12 +108,24 @@ class StatsCollector:
         self._handles: list = []
 
     def __enter__(self) -> dict[str, LinearStats]:
+        if self.stop_early:  # each call of the module is one batch: nothing seen yet
+            self._handles.append(self.module.register_forward_pre_hook(lambda _m, _a: self._seen.clear()))
         for name, kinds in self.wanted.items():
             lin = self.module.get_submodule(name)
             st = LinearStats(lin.in_features, kinds)
             self.stats[name] = st
-            self._handles.append(lin.register_forward_pre_hook(lambda _m, args, st=st: st.update(args[0])))
+            self._handles.append(lin.register_forward_pre_hook(self._hook(name, st)))
         return self.stats
+
+    def _hook(self, name: str, st: LinearStats):
+        def hook(_m, args):
+            st.update(args[0])
+            if self.stop_early:
+                self._seen.add(name)
+                if len(self._seen) == len(self.wanted):
+                    raise StopForward
+
+        return hook
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:

@@ -15,6 +15,7 @@ from torch import nn
 
 from qconv.errors import InputError
 from qconv.model.source import TensorSource
+from qconv.stats import StopForward
 
 
 def hf_config(config: dict):
@@ -168,7 +169,12 @@ class LayerRunner:
             x = hidden[b : b + batch_size].to(self.device, self.dtype)
             if ctx is None or ctx["key"] != (tuple(x.shape[:2]), x.device):
                 ctx = self._context(x)
-            y = self.forward_layer(layer, i, x, ctx)
+            try:
+                y = self.forward_layer(layer, i, x, ctx)
+            except StopForward:  # a collector has all it needs from this batch (only without kept outputs)
+                if keep:
+                    raise
+                continue
             if out is not None:
                 out[b : b + batch_size] = y.to(out.device, out.dtype)
         return out
