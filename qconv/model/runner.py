@@ -53,7 +53,7 @@ def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torc
             if not hasattr(m, part):
                 m.add_module(part, nn.Module())
             m = getattr(m, part)
-        t = source.read(name).to(device, dtype or None)
+        t = source.read(name).to(device, dtype)
         m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
     return root
 

@@ -154,7 +154,8 @@ def _levels_of(y: torch.Tensor, lv: _Levels) -> torch.Tensor:
 
 
 def _codes_of(y: torch.Tensor, lv: _Levels, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Nearest stored codes (``dtype``, same shape) for y in level units. y is consumed."""
+    """Nearest stored codes (same shape; ``dtype`` on uniform grids, int64 on codebooks) for y in level units. y is
+    consumed."""
     if lv.codebook is None:
         return y.round_().clamp_(lv.lo, lv.hi).add_(lv.zero).to(dtype)
     k_lo, idx, _ = _codebook_tables(lv.codebook, y.device)
@@ -637,9 +638,9 @@ def _fit_sym_single(
     ``ref_div``: llama.cpp's reference choice, d = (signed max) / ref_div (amax / ref_div when positive), which a
     block keeps where it is at least as good.
     """
-    buf, prod = ws.get("a", x), ws.get("b", x)
     if not cfg.cands:
         return _fit_sym_single_ref(x, w, lv, ref_div, ws)
+    buf, prod = ws.get("a", x), ws.get("b", x)
     s, _ = _fit_sym(x, w, lv, cfg.cands, cfg.lloyd, ws)
     best = _Best()
     d16 = _to_f16_nz(s)
