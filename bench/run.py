@@ -429,8 +429,12 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
                            "--method", method, "--group-size", "64"])  # fmt: skip
         le = evaluate(lpath)
         qpath = d / f"qconv-{method}"
+        # llm-compressor's GPTQModifier orders columns by default (actorder "static"): qconv's --act-order, which
+        # compressed-tensors stores the same way (static groups)
+        same = ["--act-order"] if method == "gptq" else []
         qq = run_isolated([*QCONV, "quantize", str(base), "--method", method, "--bits", "4", "--group-size", "64",
-                           "--asym", *calib, "--out", str(qpath), "--force", "-q", "--json", *QUANT_ARGS])  # fmt: skip
+                           "--asym", *same, *calib, "--out", str(qpath), "--force", "-q", "--json",
+                           *QUANT_ARGS])  # fmt: skip
         qe = evaluate(qpath)
         for who, q, e in (("llm-compressor", lq, le), ("qconv", qq, qe)):
             rows.append(f"| {method.upper()} | {who} | {q['wall_s']:.0f} | {q['peak_rss_mib']:.0f} | {e['ppl']:.3f} | "
