@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qconv.quant.tensor import IntGrid
+from qconv.quant.tensor import IntGrid, error_stats
 
 
 @dataclass(frozen=True)
@@ -336,9 +336,7 @@ def quantize_many(ws: list[torch.Tensor], grid: IntGrid, cfg: HQQConfig) -> list
 
 def with_stats(qt: HQQTensor, w: torch.Tensor) -> HQQTensor:
     """Relative squared error and max |error| of the loader's dequantization against ``w``."""
-    diff = qt.dequantize(torch.float32) - w.float()
-    qt.stats["rel_mse"] = float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30))
-    qt.stats["max_abs_err"] = float(diff.abs().max()) if diff.numel() else 0.0
+    qt.stats.update(error_stats(qt.dequantize(torch.float32), w))
     return qt
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qconv.errors import InputError
+from qconv.quant.tensor import error_stats
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the ones bitsandbytes' kernels accept
@@ -262,7 +263,5 @@ def quantize_weight(w: torch.Tensor, grid: Bnb4Grid, name: str = "weight") -> Bn
         qt = Bnb4Tensor(grid, codes, absmax, q, nested, offset)
     else:
         qt = Bnb4Tensor(grid, codes, absmax)
-    diff = qt.dequantize(torch.float32) - w.float()
-    qt.stats["rel_mse"] = float(diff.square().sum() / w.float().square().sum().clamp_min(1e-30))
-    qt.stats["max_abs_err"] = float(diff.abs().max()) if diff.numel() else 0.0
+    qt.stats.update(error_stats(qt.dequantize(torch.float32), w))
     return qt

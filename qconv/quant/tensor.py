@@ -118,25 +118,29 @@ class BlockQuantizedTensor:
         return dequantize(self.fields, self.shape[1]).reshape(self.shape).to(dtype or torch.float32)
 
 
+def error_stats(deq: torch.Tensor, w: torch.Tensor, importance: torch.Tensor | None = None) -> dict[str, float]:
+    """Reconstruction error of the float32 dequantization ``deq`` [out, in] (consumed: overwritten) against the weight
+    ``w``: relative squared error, max |error| and, with ``importance`` [in], the importance-weighted relative squared
+    error. One pass per figure and no temporaries beyond ``deq`` itself (these run on every tensor of a model)."""
+    wf = w.float().reshape(-1)
+    diff = deq.reshape(-1).sub_(wf)
+    out = {"rel_mse": float(diff.dot(diff) / wf.dot(wf).clamp_min(1e-30)), "max_abs_err": 0.0}
+    if diff.numel():
+        lo, hi = torch.aminmax(diff)  # one pass (an inf-norm or abs().max() is several times slower on CPU)
+        out["max_abs_err"] = max(-float(lo), float(hi))
+    if importance is not None:
+        imp = importance.float().to(w.device)
+        num = diff.square_().view(w.shape).mv(imp).sum()
+        den = wf.square().view(w.shape).mv(imp).sum()
+        out["rel_mse_weighted"] = float(num / den.clamp_min(1e-30))
+    return out
+
+
 def with_block_error_stats(
     qt: BlockQuantizedTensor, w: torch.Tensor, importance: torch.Tensor | None = None
 ) -> BlockQuantizedTensor:
-    """Attach the reconstruction error of ``qt`` against the float weight ``w`` [out, in]: relative squared error,
-    max |error| and, with ``importance`` [in], the importance-weighted relative squared error."""
-    # One pass per figure and no temporaries beyond the error itself (these run on every tensor of a model).
-    wf = w.float().reshape(-1)
-    diff = qt.dequantize().reshape(-1).sub_(wf)
-    qt.stats["rel_mse"] = float(diff.dot(diff) / wf.dot(wf).clamp_min(1e-30))
-    if diff.numel():
-        lo, hi = torch.aminmax(diff)  # one pass (an inf-norm or abs().max() is several times slower on CPU)
-        qt.stats["max_abs_err"] = max(-float(lo), float(hi))
-    else:
-        qt.stats["max_abs_err"] = 0.0
-    if importance is not None:
-        imp = importance.float().to(w.device)
-        num = diff.square_().view(qt.shape).mv(imp).sum()
-        den = wf.square().view(qt.shape).mv(imp).sum()
-        qt.stats["rel_mse_weighted"] = float(num / den.clamp_min(1e-30))
+    """Attach ``error_stats`` of ``qt``'s dequantization against the float weight ``w`` [out, in]."""
+    qt.stats.update(error_stats(qt.dequantize(), w, importance))
     return qt
 
 
