@@ -172,9 +172,10 @@ def main() -> None:
     type=float,
     default=0.01,
     show_default=True,
-    help="GPTQ: dampening, a fraction of the mean Hessian diagonal (raised automatically if Cholesky fails).",
+    help="GPTQ (and fp8 with --opt fp8_gptq=true): dampening, a fraction of the mean Hessian diagonal (raised "
+    "automatically if Cholesky fails).",
 )
-@click.option("--act-order", is_flag=True, help="GPTQ: quantize columns by descending Hessian diagonal.")
+@click.option("--act-order", is_flag=True, help="GPTQ (and fp8_gptq): quantize columns by descending Hessian diagonal.")
 @click.option(
     "--static-groups",
     is_flag=True,
@@ -227,8 +228,13 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
 
         reporter = Reporter(quiet=quiet)
         uses_gptq = method in ("gptq", "awq+gptq")
-        if not uses_gptq and (act_order or static_groups or damp != 0.01):
-            raise InputError("--damp, --act-order and --static-groups apply to --method gptq (or awq+gptq)")
+        if not (uses_gptq or method == "fp8") and (act_order or static_groups or damp != 0.01):
+            raise InputError(
+                "--damp, --act-order and --static-groups apply to --method gptq (or awq+gptq, or fp8 "
+                "with --opt fp8_gptq=true)"
+            )
+        if method == "fp8" and static_groups:
+            raise InputError("--static-groups does not apply to fp8 (its scales are always fixed up front)")
         if static_groups and not act_order:
             raise InputError("--static-groups applies together with --act-order")
         if method in ("gptq", "awq", "awq+gptq") and no_calib:
@@ -243,7 +249,8 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             calib_samples=calib_samples,
             calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
             method_options={"no_calib": no_calib, "importance": imatrix or "none", **(
-                {"damp": damp, "act_order": act_order, "static_groups": static_groups} if uses_gptq else {})},
+                {"damp": damp, "act_order": act_order, "static_groups": static_groups} if uses_gptq else {}),
+                **({"damp": damp, "act_order": act_order} if method == "fp8" and (act_order or damp != 0.01) else {})},
         )  # fmt: skip
         if fmt == "gguf":
             cfg.format_options = {

@@ -362,7 +362,10 @@ def effective_options(cfg: QuantizeConfig) -> tuple[dict, dict, dict, bool]:
         cfg.opts, [(f"--method {cfg.method}", method_cls.options), (f"--format {cfg.format}", writer_cls.options)]
     )
     opts = {**cfg.method_options, **method_opts}
-    made_static = bool(opts.get("act_order")) and not opts.get("static_groups") and not writer_cls.supports_g_idx
+    made_static = (
+        method_cls.scheme == "int"  # only integer groups have group parameters to fix (FP8 scales always are)
+        and bool(opts.get("act_order")) and not opts.get("static_groups") and not writer_cls.supports_g_idx
+    )
     if made_static:
         opts["static_groups"] = True
     return opts, method_opts, format_opts, made_static

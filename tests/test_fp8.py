@@ -129,6 +129,35 @@ def logits(model) -> torch.Tensor:
         return model(IDS).logits.float()
 
 
+def _correlated_problem(out_f=96, in_f=256, n=2048, seed=0):
+    """Correlated inputs of uneven scale (as real activations are), a weight with an outlier; H = XᵀX / n."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_f, generator=g) * torch.linspace(0.2, 3.0, in_f)
+    x = x @ (torch.eye(in_f) + 0.5 * torch.randn(in_f, in_f, generator=g) / in_f**0.5)
+    return x, weight(out_f, in_f, seed), x.T @ x / n
+
+
+@pytest.mark.parametrize("kind", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("search", [False, True])
+def test_gptq_fp8_lowers_layer_output_error(kind, search):
+    """GPTQ onto E4M3 keeps RTN's scales and E4M3 codes, and its error feedback lowers the layer-output error."""
+    from qconv.quant.gptq import GPTQConfig, gptq_fp8
+
+    x, w, h = _correlated_problem()
+    grid = Fp8Grid(kind, 64, search=search, dtype=torch.float32)
+    ref = quantize_weight(w, grid)
+    out_err = lambda q: float((x @ (q.dequantize(torch.float32) - w).T).square().mean())  # noqa: E731
+    for act_order, bound in ((False, 0.97), (True, 0.8)):
+        qt, info = gptq_fp8(w, h, grid, GPTQConfig(act_order=act_order))
+        assert qt.weight.dtype == torch.float8_e4m3fn and torch.equal(qt.scale, ref.scale)
+        assert torch.isfinite(qt.weight.float()).all() and qt.weight.float().abs().max() <= FP8_MAX
+        assert out_err(qt) < bound * out_err(ref), (act_order, out_err(qt), out_err(ref))
+        assert info.damp == 0.01 and qt.stats["gptq_damp"] == 0.01 and qt.stats["rel_mse"] > 0
+    # with uncorrelated unit inputs there is nothing to feed back: exactly round-to-nearest
+    qt, _ = gptq_fp8(w, torch.eye(w.shape[1]), grid, GPTQConfig())
+    assert torch.equal(qt.weight.view(torch.uint8), ref.weight.view(torch.uint8))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer_files):
     return tiny_model(tmp_path_factory.mktemp("tiny"), "llama", tokenizer_files)
@@ -153,6 +182,28 @@ def test_ct_fp8_loads_in_transformers(cli, tiny, tmp_path):
     assert fp8.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     assert (logits(fp8) - ours).abs().max() < 0.2
     assert (qconv_logits(tiny, IDS) - ours).abs().max() > 1e-4
+
+
+def test_ct_fp8_gptq_loads_in_transformers(cli, tiny, tmp_path):
+    """--opt fp8_gptq: calibrated GPTQ onto E4M3, the same float-quantized layout, decompressed by transformers to
+    exactly qconv's weights, and different from plain rounding."""
+    import transformers
+    from safetensors.torch import load_file
+
+    calib = ("--calib-samples", "4", "--calib-seqlen", "64", "--dtype", "float32", "--quiet")
+    out, plain = tmp_path / "gptq", tmp_path / "plain"
+    r = cli("quantize", tiny, "--method", "fp8", "--opt", "fp8_gptq=true", "--act-order", "--damp", "0.02", *calib,
+            "--out", out)  # fmt: skip
+    assert r.code == 0, r.stderr
+    assert cli("quantize", tiny, "--method", "fp8", *calib, "--out", plain).code == 0
+    manifest = json.loads((out / "qconv.json").read_text())
+    assert manifest["tensors"]["model.layers.0.mlp.down_proj.weight"]["gptq_damp"] == 0.02
+    a, b = load_file(out / "model.safetensors"), load_file(plain / "model.safetensors")
+    name = "model.layers.1.self_attn.o_proj"
+    assert torch.equal(a[f"{name}.weight_scale"], b[f"{name}.weight_scale"])  # RTN's scales, other codes
+    assert not torch.equal(a[f"{name}.weight"].view(torch.uint8), b[f"{name}.weight"].view(torch.uint8))
+    dq = transformers_model(out, quantization_config=transformers.CompressedTensorsConfig(dequantize=True))
+    torch.testing.assert_close(logits(dq), qconv_logits(out, IDS), rtol=0, atol=0)
 
 
 def test_ct_fp8_static_activation_scales(cli, tiny, tmp_path):
@@ -197,6 +248,9 @@ def test_cli_rejects_fp8_misuse(cli, tiny, tmp_path):
         (("--opt", "activations=static", "--no-calib"), "calibration"),
         (("--format", "bnb",), "cannot store fp8"),
         (("--opt", "fp8_scale=rows",), "fp8_scale"),
+        (("--act-order",), "fp8_gptq=true"),
+        (("--opt", "fp8_gptq=true", "--static-groups", "--act-order"), "--static-groups"),
+        (("--opt", "fp8_gptq=true", "--no-calib"), "calibration"),
     ]  # fmt: skip
     for i, (args, msg) in enumerate(cases):
         r = cli("quantize", tiny, "--method", "fp8", *args, "--out", tmp_path / f"o{i}")

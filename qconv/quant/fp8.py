@@ -152,8 +152,13 @@ def quantize_weight(w: torch.Tensor, grid: Fp8Grid, name: str = "weight") -> Fp8
     """Quantize one weight [out, in] onto ``grid`` (NaN/Inf → InputError naming ``name``)."""
     check_finite(w, name)
     scale = choose_scales(w, grid)
-    q = quantize(w, scale, grid.block_size)
-    qt = Fp8Tensor(grid, q, scale)
+    return with_stats(Fp8Tensor(grid, quantize(w, scale, grid.block_size), scale), w)
+
+
+def with_stats(qt: Fp8Tensor, w: torch.Tensor) -> Fp8Tensor:
+    """``qt`` with its error figures against the original weight w [out, in] (relative MSE, max |error|, values
+    saturated at ±448) in ``stats``, for the manifest."""
+    q, scale, grid = qt.weight, qt.scale, qt.grid
     wf = w.float()
     diff = dequantize(q, scale, grid.block_size) - wf
     qt.stats["rel_mse"] = float(diff.square().sum() / wf.square().sum().clamp_min(1e-30))

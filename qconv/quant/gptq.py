@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qconv.quant import ggml_grid
+from qconv.quant import fp8, ggml_grid
 from qconv.quant.int_grid import _quantize_rows, with_error_stats
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, IntGrid, QuantizedTensor, with_block_error_stats
 
@@ -268,5 +268,55 @@ def gptq_ggml(
     fields = ggml_grid.hstack(parts, out_f)
     imp = h.detach().float().diagonal().clamp_min(0)
     qt = with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, imp)
+    qt.stats["gptq_damp"] = used
+    return qt, GPTQInfo(used, int(dead.sum()), float(werr))
+
+
+def gptq_block_fp8(w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One lazy batch of GPTQ's column loop onto FP8 E4M3: w1 float32 [R, B] (not modified), u1 float32 [B, B],
+    s float32 [R, B] (each element's scale). Returns codes float8_e4m3fn [R, B] (x / s clamped to ±448, rounded
+    to nearest) and the scaled errors float32 [R, B]."""
+    w1 = w1.clone()
+    codes = torch.empty(w1.shape, dtype=fp8.FP8_DTYPE, device=w1.device)
+    errs = torch.empty_like(w1)
+    for i in range(w1.shape[1]):
+        x = w1[:, i]
+        q = (x / s[:, i]).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+        err = (x - q.float() * s[:, i]) / u1[i, i]
+        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+        codes[:, i] = q
+        errs[:, i] = err
+    return codes, errs
+
+
+def gptq_fp8(w: torch.Tensor, h: torch.Tensor, grid: fp8.Fp8Grid, cfg: GPTQConfig) -> tuple[fp8.Fp8Tensor, GPTQInfo]:
+    """GPTQ onto FP8 E4M3. The scales (per tensor, channel or block; amax or MSE-searched, exactly as RTN chooses
+    them) are fixed up front from the original weights: FP8 layouts store neither a column order nor zero points, so
+    act-order only changes the order columns are processed in, and every element keeps its own group's scale.
+    The rounding errors are fed forward as for integer grids: FP8's relative step (1/8 to 1/16 of a value) leaves
+    an error that, on correlated inputs, GPTQ cancels much of. Returns (Fp8Tensor, run info)."""
+    out_f, in_f = w.shape
+    scale = fp8.choose_scales(w, grid)
+    W, H, dead = _prepare(w, h)
+    S = fp8.expand_scale(scale, (out_f, in_f), grid.block_size).float().expand(out_f, in_f).contiguous()
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if cfg.act_order else None
+    if perm is not None:
+        W, H, S = W[:, perm], H[perm][:, perm], S[:, perm]
+    U, used = inverse_hessian_factor(H, cfg.damp, cfg.max_damp)
+    del H
+    Q = torch.empty(out_f, in_f, dtype=fp8.FP8_DTYPE, device=W.device)
+    werr = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_f, cfg.block):
+        i2 = min(i1 + cfg.block, in_f)
+        q, e = gptq_block_fp8(W[:, i1:i2], U[i1:i2, i1:i2], S[:, i1:i2])
+        Q[:, i1:i2] = q
+        werr += e.double().square().sum()
+        W[:, i2:] -= e @ U[i1:i2, i2:]
+    del W, U, S
+    if perm is not None:
+        codes = torch.empty_like(Q)
+        codes[:, perm] = Q
+        Q = codes
+    qt = fp8.with_stats(fp8.Fp8Tensor(grid, Q, scale), w)
     qt.stats["gptq_damp"] = used
     return qt, GPTQInfo(used, int(dead.sum()), float(werr))
