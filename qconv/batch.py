@@ -90,6 +90,12 @@ FIELDS: dict[str, FieldSpec] = {
         FieldSpec(
             "dtype", "choice", "dtype of scales and dense tensors", choices=("auto", "bfloat16", "float16", "float32")
         ),  # fmt: skip
+        FieldSpec(
+            "compute_dtype",
+            "choice",
+            "dtype of the calibration passes (auto: float32 on CPU, bfloat16 on GPU)",
+            choices=("auto", "bfloat16", "float16", "float32"),
+        ),  # fmt: skip
         FieldSpec("imatrix", "str", "'auto' or a llama.cpp imatrix file", path=True),
         FieldSpec("damp", "float", "GPTQ dampening", lo=0, positive=True, only="gptq"),
         FieldSpec("act_order", "bool", "GPTQ: descending Hessian diagonal order", only="gptq"),
@@ -487,7 +493,7 @@ def _build_job(f: dict, index: int, loc: Callable[..., str]) -> Job:
         symmetric=f.get("sym", True), clip=f.get("clip", "minmax"), ignore=tuple(f.get("ignore", ())),
         calib=f.get("calib"), calib_field=f.get("calib_field"), calib_samples=f.get("calib_samples", 128),
         calib_seqlen=f.get("calib_seqlen", 512), seed=f.get("seed", 0), dtype=f.get("dtype", "auto"),
-        method_options=method_options,
+        compute_dtype=f.get("compute_dtype", "auto"), method_options=method_options,
     )  # fmt: skip
     from qconv.cli import parse_size
 

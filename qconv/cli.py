@@ -122,6 +122,14 @@ def main() -> None:
     show_default=True,
     help="Dtype of scales and unquantized tensors: auto (the model's), bfloat16, float16, float32.",
 )
+@click.option(
+    "--compute-dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Dtype the layers run calibration in: auto (float32 on CPU, bfloat16 on GPU). bfloat16 on a CPU with "
+    "AVX512-BF16 or AMX runs the calibration passes ~2x faster (statistics still accumulate in float32).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration samples per forward pass.")
 @click.option(
@@ -210,8 +218,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore, calib, calib_field, calib_samples,
-             calib_seqlen, seed, no_calib, dtype, device, batch_size, offload_activations, verify, max_shard_size,
-             imatrix, gguf_type, pure,
+             calib_seqlen, seed, no_calib, dtype, compute_dtype, device, batch_size, offload_activations, verify,
+             max_shard_size, imatrix, gguf_type, pure,
              tensor_type, output_tensor_type, token_embedding_type, leave_output_tensor, split_max_size, gguf_pre,
              damp, act_order, static_groups, opts, do_eval, eval_text, eval_chunks, eval_ctx, force, resume,
              checkpoint, allow_pickle, revision, quiet, as_json):  # fmt: skip
@@ -247,7 +255,7 @@ def quantize(model, out, method, fmt, bits, group_size, symmetric, clip, ignore,
             opts=parse_pairs(opts), method=method, format=fmt, bits=bits, group_size=group_size, symmetric=symmetric,
             clip=clip, ignore=tuple(ignore), calib=calib, calib_field=calib_field,
             calib_samples=calib_samples,
-            calib_seqlen=calib_seqlen, seed=seed, dtype=dtype,
+            calib_seqlen=calib_seqlen, seed=seed, dtype=dtype, compute_dtype=compute_dtype,
             method_options={"no_calib": no_calib, "importance": imatrix or "none", **(
                 {"damp": damp, "act_order": act_order, "static_groups": static_groups} if uses_gptq else {}),
                 **({"damp": damp, "act_order": act_order} if method == "fp8" and (act_order or damp != 0.01) else {})},

@@ -57,6 +57,7 @@ class QuantizeConfig:
     calib_seqlen: int = 512
     seed: int = 0
     dtype: str = "auto"
+    compute_dtype: str = "auto"  # the layers' dtype during calibration passes (changes the statistics)
     method_options: dict = field(default_factory=dict)
     format_options: dict = field(default_factory=dict)
     opts: dict = field(default_factory=dict)  # --opt KEY=VALUE pairs, resolved against the method's and format's
@@ -180,7 +181,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         # no layer classes), except for fused MoE experts, which the real layer unfuses.
         runner = None
         if method.needs_calibration or a.experts is not None:
-            runner = LayerRunner(source, device, compute_dtype(device))
+            runner = LayerRunner(source, device, compute_dtype(device, cfg.compute_dtype))
         calib = None
         hidden = None
         if method.needs_calibration:
@@ -364,7 +365,9 @@ def effective_options(cfg: QuantizeConfig) -> tuple[dict, dict, dict, bool]:
     opts = {**cfg.method_options, **method_opts}
     made_static = (
         method_cls.scheme == "int"  # only integer groups have group parameters to fix (FP8 scales always are)
-        and bool(opts.get("act_order")) and not opts.get("static_groups") and not writer_cls.supports_g_idx
+        and bool(opts.get("act_order"))
+        and not opts.get("static_groups")
+        and not writer_cls.supports_g_idx
     )
     if made_static:
         opts["static_groups"] = True

@@ -169,6 +169,38 @@ def test_calibrated_methods_gguf_runs_in_llama_cpp(cli, tokenizer_files, tmp_pat
     assert float(kl.mean()) < 0.05
 
 
+def test_inverse_hessian_factor_is_the_textbook_one():
+    """The reversed-Cholesky factor equals chol((H + λI)⁻¹, upper) computed the long way, and is upper triangular."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 120, generator=g, dtype=torch.float64) * torch.linspace(0.1, 4, 120, dtype=torch.float64)
+    h = (x.T @ x / 400).float()
+    u, d = inverse_hessian_factor(h, 0.01, 1.0)
+    a = h.double() + 0.01 * h.double().diagonal().mean() * torch.eye(120, dtype=torch.float64)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(a)), upper=True)
+    assert d == 0.01 and u.dtype == torch.float32 and torch.equal(u, u.triu())
+    torch.testing.assert_close(u, ref.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_compute_dtype_is_a_setting(cli, tokenizer_files, tmp_path):
+    """--compute-dtype bfloat16 runs the calibration passes in bf16 (on CPU too): a valid artifact, other statistics
+    than float32's, the setting recorded in the manifest (and so in the resume fingerprint)."""
+    from safetensors.torch import load_file
+
+    model = tiny_model(tmp_path, "llama", tokenizer_files)
+    args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "64"]
+    outs = {}
+    for cd in ("float32", "bfloat16"):
+        outs[cd] = tmp_path / cd
+        r = cli("quantize", model, "--out", outs[cd], "-q", "--compute-dtype", cd, *args)
+        assert r.code == 0, r.stderr
+        assert json.loads((outs[cd] / "qconv.json").read_text())["config"]["compute_dtype"] == cd
+    a, b = (load_file(outs[cd] / "model.safetensors") for cd in ("float32", "bfloat16"))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
+    r = cli("quantize", model, "--out", tmp_path / "bad", "--compute-dtype", "int8", *args)
+    assert r.code == 2 and "compute-dtype" in r.stderr
+
+
 def test_wide_hessians_factor_in_float32(monkeypatch):
     """Past FLOAT64_MAX_DIM inputs the factorisation runs in float32 (memory): same factor on a benign Hessian."""
     import qconv.quant.gptq as g

@@ -50,6 +50,10 @@ FLOAT64_MAX_DIM = 16384
 def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of (H + λI)⁻¹ (so (H + λI)⁻¹ = Uᵀ U), λ = damp · mean(diag H).
 
+    With J the exchange matrix (reversal): J A J = L Lᵀ gives A⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper
+    triangular with a positive diagonal — so U is one Cholesky factorisation and one triangular inverse, both in
+    place, instead of Cholesky, cholesky_inverse and a second Cholesky (3–12× faster on CPU, equal to ~1 ulp).
+
     Computed in float64 up to FLOAT64_MAX_DIM inputs: float32 Cholesky of large, nearly singular Hessians fails or
     loses the small pivots GPTQ divides by. Wider Hessians (a 28672-wide down_proj: 6.6 GB per float64 copy) use
     float32, as the reference GPTQ implementations do everywhere, with the same automatic damp raising.
@@ -58,24 +62,26 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float, max_damp: float) -> tup
     work = torch.float64 if h.shape[0] <= FLOAT64_MAX_DIM else torch.float32
     mean_diag = float(h.diagonal().double().mean()) if h.numel() else 1.0
     mean_diag = mean_diag if mean_diag > 0 else 1.0
+    n = h.shape[0]
     d = damp
     while True:
-        # At most two [in, in] float64 matrices live at once (a 28672-wide down_proj: 6.6 GB each): every step
-        # drops its input before the next allocates.
+        # At most two [in, in] matrices live at once (a 28672-wide down_proj: 3.3 GB each in float32): the
+        # factorisation and the triangular solve overwrite their inputs.
         a = h.to(work, copy=True)
         a.diagonal().add_(d * mean_diag)
-        low, info = torch.linalg.cholesky_ex(a)
-        del a
+        a = a.flip(0, 1)
+        info = torch.empty((), dtype=torch.int32, device=a.device)
+        low, info = torch.linalg.cholesky_ex(a, out=(a, info))
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(low)
-            del low
-            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            del hinv
-            if int(info2) == 0 and bool(torch.isfinite(u).all()):
+            u = torch.eye(n, dtype=work, device=a.device)
+            torch.linalg.solve_triangular(low, u, upper=False, out=u)
+            del low, a
+            u = u.flip(0, 1)
+            if bool(torch.isfinite(u).all()):
                 return u.float(), d
             del u
         else:
-            del low
+            del low, a
         if d >= max_damp:
             raise ValueError(f"Hessian not positive definite even with damp {d:g}")
         d = min(d * 10, max_damp)
@@ -108,17 +114,19 @@ def gptq_block_reference(
     modified), u1 float32 [B, B] (its block of the inverse Hessian's upper Cholesky factor), s/z float32 [R, B]
     (each column's scale and zero point). Returns codes uint8 [R, B] and the scaled errors float32 [R, B] that the
     caller feeds forward onto the later columns (``W[:, B:] -= E @ U[batch, later]``)."""
-    w1 = w1.clone()
-    codes = torch.empty(w1.shape, dtype=torch.uint8, device=w1.device)
-    errs = torch.empty_like(w1)
-    for i in range(w1.shape[1]):
-        x = w1[:, i]
-        q = torch.clamp(torch.round(x / s[:, i]) + z[:, i], 0, qmax)
-        err = (x - (q - z[:, i]) * s[:, i]) / u1[i, i]
-        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-        codes[:, i] = q.to(torch.uint8)
-        errs[:, i] = err
-    return codes, errs
+    # Columns as contiguous rows: each step reads one row and updates the rows after it in place (~2.5× faster
+    # than strided columns on CPU); the arithmetic is the kernel's, operation for operation.
+    wt, st, zt = w1.t().contiguous(), s.t().contiguous(), z.t().contiguous()
+    codes = torch.empty(wt.shape, dtype=torch.uint8, device=w1.device)
+    errs = torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        x = wt[i]
+        q = torch.clamp(torch.round(x / st[i]) + zt[i], 0, qmax)
+        err = (x - (q - zt[i]) * st[i]) / u1[i, i]
+        wt[i + 1 :] -= u1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
+        codes[i] = q.to(torch.uint8)
+        errs[i] = err
+    return codes.t(), errs.t()
 
 
 def _block_fn(w: torch.Tensor):
@@ -276,17 +284,17 @@ def gptq_block_fp8(w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor) -> tuple
     """One lazy batch of GPTQ's column loop onto FP8 E4M3: w1 float32 [R, B] (not modified), u1 float32 [B, B],
     s float32 [R, B] (each element's scale). Returns codes float8_e4m3fn [R, B] (x / s clamped to ±448, rounded
     to nearest) and the scaled errors float32 [R, B]."""
-    w1 = w1.clone()
-    codes = torch.empty(w1.shape, dtype=fp8.FP8_DTYPE, device=w1.device)
-    errs = torch.empty_like(w1)
-    for i in range(w1.shape[1]):
-        x = w1[:, i]
-        q = (x / s[:, i]).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
-        err = (x - q.float() * s[:, i]) / u1[i, i]
-        w1[:, i:] -= err.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-        codes[:, i] = q
-        errs[:, i] = err
-    return codes, errs
+    wt, st = w1.t().contiguous(), s.t().contiguous()  # columns as contiguous rows, as in gptq_block_reference
+    codes = torch.empty(wt.shape, dtype=fp8.FP8_DTYPE, device=w1.device)
+    errs = torch.empty_like(wt)
+    for i in range(wt.shape[0]):
+        x = wt[i]
+        q = (x / st[i]).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
+        err = (x - q.float() * st[i]) / u1[i, i]
+        wt[i + 1 :] -= u1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
+        codes[i] = q
+        errs[i] = err
+    return codes.t(), errs.t()
 
 
 def gptq_fp8(w: torch.Tensor, h: torch.Tensor, grid: fp8.Fp8Grid, cfg: GPTQConfig) -> tuple[fp8.Fp8Tensor, GPTQInfo]:
