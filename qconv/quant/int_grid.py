@@ -18,6 +18,14 @@ def contiguous_gidx(in_features: int, grid: IntGrid, device: torch.device | str 
 
 def group_reduce(x: torch.Tensor, gidx: torch.Tensor, n_groups: int, op: str) -> torch.Tensor:
     """Reduce float [out, in] over the columns of each group → [out, n_groups]. op: amin | amax | sum."""
+    in_f = x.shape[1]
+    if op != "sum" and n_groups and in_f % n_groups == 0:
+        # Contiguous equal groups (the common layout): a reshape and one reduction, several times faster than a
+        # scatter, and exactly the same extrema (sums keep the scatter: its order fixes their rounding).
+        gs = in_f // n_groups
+        if torch.equal(gidx, torch.arange(in_f, device=gidx.device) // gs):
+            r = x.reshape(x.shape[0], n_groups, gs)
+            return r.amin(-1) if op == "amin" else r.amax(-1)
     out = torch.zeros(x.shape[0], n_groups, dtype=x.dtype, device=x.device)
     index = gidx.unsqueeze(0).expand_as(x)
     if op == "sum":
