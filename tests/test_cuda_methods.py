@@ -30,6 +30,7 @@ CASES = {
     "fp4-bnb": ("--method", "fp4", "--format", "bnb"),
     "fp8-channel": ("--method", "fp8", "--opt", "activations=none", "--opt", "fp8_scale=channel"),
     "fp8-block": ("--method", "fp8", "--opt", "activations=none", "--opt", "fp8_scale=block"),
+    "fp8-gptq": ("--method", "fp8", "--opt", "activations=none", "--opt", "fp8_gptq=true", "--act-order", *CALIB),
     "mxfp4-ct": ("--method", "mxfp4",),
     "mxfp4-gguf": ("--method", "mxfp4", "--format", "gguf"),
     "nvfp4-ct": ("--method", "nvfp4",),
