@@ -22,10 +22,11 @@ from qconv.formats.gguf_mix import FLOAT_TYPES, MixOptions, ModelShape, file_typ
 from qconv.formats.gguf_vocab import vocab_kvs
 from qconv.formats.gguf_writer import GV, KV, GGUFTensorSpec, GGUFWriter, string, u32
 from qconv.options import Option
-from qconv.quant.ggml_grid import EFFORTS
+from qconv.quant.ggml_grid import EFFORTS, dequantize, slice_blocks
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid
 
 QUANTIZATION_VERSION = 2
+ROW_CHUNK_ELEMS = 1 << 24  # elements per piece of a large quantized tensor (64 MB of float32)
 _FLOAT_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
 
@@ -216,13 +217,22 @@ class GGUFFormat(FormatWriter):
         if qt.grid.ggml_type != t:
             raise RuntimeError(f"{name}: quantized as {qt.grid.name}, planned {GGMLType(t).name}")
         rows, n = qt.shape
-        fields, expected = qt.fields, qt.dequantize(torch.float32)
+        fields = qt.fields
         perm = self._perm(name, rows)
         if perm is not None:
-            fields, expected = permute_rows(fields, rows, perm), expected[perm]
-        raw = pack(fields).reshape(-1)
-        self.verifier.check(g, "ggml", expected, raw=raw, ggml_type=int(t), shape=(rows, n))
-        self._writer.write(g, raw)
+            fields = permute_rows(fields, rows, perm)
+        # Large tensors (embeddings, output matrices) are dequantized, packed, verified and written in row chunks:
+        # whole, their float32 copies alone would take several times a decoder layer's memory.
+        nbpr = fields.n_blocks // max(rows, 1)
+        step = max(1, ROW_CHUNK_ELEMS // max(n, 1)) if rows * n > ROW_CHUNK_ELEMS else max(rows, 1)
+        for r0 in range(0, max(rows, 1), step):
+            r1 = min(rows, r0 + step)
+            part = fields if step >= rows else slice_blocks(fields, r0 * nbpr, r1 * nbpr)
+            expected = dequantize(part, n).reshape(r1 - r0, n)
+            raw = pack(part).reshape(-1)
+            last = r1 >= rows
+            self.verifier.check(g, "ggml", expected, count=last, raw=raw, ggml_type=int(t), shape=(r1 - r0, n))
+            self._writer.write(g, raw, part=step < rows)
 
     def write_dense(self, name: str, tensor: torch.Tensor) -> None:
         assert self._writer is not None

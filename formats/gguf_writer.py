@@ -191,21 +191,30 @@ class GGUFFileWriter:
         os.ftruncate(self._fd, data_start + _align(pos, alignment))
         self._where = {s.name: (data_start + offsets[s.name], s) for s in specs}
         self._pending = {s.name for s in specs}
+        self._partial: dict[str, int] = {}  # bytes written so far of tensors written in pieces
 
-    def write(self, name: str, raw: torch.Tensor) -> None:
+    def write(self, name: str, raw: torch.Tensor, part: bool = False) -> None:
+        """Write tensor ``name``'s bytes; with ``part``, the next consecutive piece of them (a large tensor written
+        in row chunks): the tensor is complete once its pieces add up to its size."""
         if name not in self._where:
             raise ValueError(f"tensor {name!r} is not in this file's plan")
         if name not in self._pending:
             raise ValueError(f"tensor {name!r} written twice")
         offset, spec = self._where[name]
         data = raw.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if data.nbytes != spec.nbytes:
-            raise ValueError(f"tensor {name!r}: {data.nbytes} bytes, its type and shape need {spec.nbytes}")
+        done = self._partial.get(name, 0)
+        if (data.nbytes if not part else done + data.nbytes) > spec.nbytes or (not part and data.nbytes != spec.nbytes):
+            raise ValueError(f"tensor {name!r}: {done + data.nbytes} bytes, its type and shape need {spec.nbytes}")
+        offset += done
         view = memoryview(data)
         while len(view):
             n = os.pwrite(self._fd, view, offset)
             view = view[n:]
             offset += n
+        if part and done + data.nbytes < spec.nbytes:
+            self._partial[name] = done + data.nbytes
+            return
+        self._partial.pop(name, None)
         self._pending.discard(name)
 
     def close(self) -> None:
@@ -275,10 +284,10 @@ class GGUFWriter:
             self.abort()
             raise
 
-    def write(self, name: str, raw: torch.Tensor) -> None:
+    def write(self, name: str, raw: torch.Tensor, part: bool = False) -> None:
         if name not in self._file_of:
             raise ValueError(f"tensor {name!r} is not in the write plan")
-        self._file_of[name].write(name, raw)
+        self._file_of[name].write(name, raw, part)
 
     def close(self) -> list[Path]:
         for w in self._files:

@@ -121,3 +121,53 @@ def test_plan_errors(tmp_path):
         w.write("x", torch.zeros(3, 32))
     with pytest.raises(RuntimeError, match="never written"):
         w.close()
+
+
+def test_tensor_written_in_pieces(tmp_path):
+    """Consecutive pieces of a tensor's bytes make the same file as one write; too many bytes or a missing piece are
+    errors."""
+    _, q = q8_bytes(8, 64, seed=3)
+    raw = q.reshape(-1)
+    spec = [GGUFTensorSpec("x", (8, 64), GGMLType.Q8_0)]
+    whole = GGUFWriter(tmp_path / "whole.gguf", KVS, spec)
+    whole.write("x", raw)
+    whole.close()
+    pieces = GGUFWriter(tmp_path / "pieces.gguf", KVS, spec)
+    for chunk in raw.split(raw.numel() // 4 + 5):
+        pieces.write("x", chunk, part=True)
+    pieces.close()
+    assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "pieces.gguf").read_bytes()
+    w = GGUFWriter(tmp_path / "c.gguf", KVS, spec)
+    w.write("x", raw[:100], part=True)
+    with pytest.raises(ValueError, match="bytes"):
+        w.write("x", raw, part=True)
+    with pytest.raises(RuntimeError, match="never written"):
+        w.close()
+
+
+def test_large_tensors_go_in_row_chunks(cli, tmp_path, tokenizer_files, monkeypatch):
+    """Tensors past the chunk size are fitted, error-measured, packed, verified and written in row pieces (bounded
+    memory for big vocabularies): the very same file, the same verification count, statistics equal to rounding
+    (the manifest keeps 6 digits)."""
+    import json
+
+    import qconv.formats.gguf as gguf_format
+    import qconv.quant.tensor as qtensor
+
+    from conftest import tiny_model
+
+    model = tiny_model(tmp_path, "llama", tokenizer_files)
+    outs = {}
+    for label, elems in (("whole", 1 << 40), ("chunked", 4096)):
+        monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS", elems)
+        monkeypatch.setattr(qtensor, "STATS_CHUNK", elems)
+        outs[label] = tmp_path / f"{label}.gguf"
+        r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_K_M", "--out", outs[label], "-q", "--json")
+        assert r.code == 0, r.stderr
+    assert outs["whole"].read_bytes() == outs["chunked"].read_bytes()
+    m = {k: json.loads(v.with_name(v.name + ".qconv.json").read_text()) for k, v in outs.items()}
+    assert m["whole"]["verification"]["tensors"] == m["chunked"]["verification"]["tensors"]
+    for name, st in m["whole"]["tensors"].items():
+        for key, value in st.items():
+            got = m["chunked"]["tensors"][name][key]
+            assert got == (pytest.approx(value, rel=1e-4, abs=1e-9) if isinstance(value, float) else value), key

@@ -903,6 +903,12 @@ def _check_w(w: torch.Tensor, t: GGMLType) -> tuple[int, int]:
     return rows, n
 
 
+def slice_blocks(fields: BlockFields, b0: int, b1: int) -> BlockFields:
+    """Blocks b0 … b1 − 1 of ``fields`` (views): with n/BLOCK_SIZE blocks per row, a range of whole rows."""
+    cls = type(fields)
+    return cls(**{f.name: getattr(fields, f.name)[b0:b1] for f in dataclasses.fields(cls)})
+
+
 def _concat_fields(parts: list[BlockFields]) -> BlockFields:
     if len(parts) == 1:
         return parts[0]
@@ -930,9 +936,8 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None,
     t, spec = _spec(ggml_type)
     rows, n = _check_w(w, t)
     bs = BLOCK_SIZE[t]
-    x = w.detach().to(torch.float32)
-    if count_nonfinite(x):
-        raise ValueError(f"{t.name}: weights contain NaN or inf")
+    # Converted to float32 one chunk at a time: a full float32 copy of a 32000 × 5120 output matrix alone is 655 MB.
+    x = w.detach()
     wcol = None
     if importance is not None:
         imp = importance.detach().to(device=x.device, dtype=torch.float32).reshape(-1)
@@ -953,7 +958,9 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None,
     ws = _Ws()
     parts = []
     for r0 in range(0, rows, rows_per_chunk):
-        xc = x[r0 : r0 + rows_per_chunk]
+        xc = x[r0 : r0 + rows_per_chunk].to(torch.float32)
+        if count_nonfinite(xc):
+            raise ValueError(f"{t.name}: weights contain NaN or inf")
         r = xc.shape[0]
         shape = (sub, n_sub, r * nbpr)
         xt = ws.empty("x", shape, x.device)

@@ -136,11 +136,41 @@ def error_stats(deq: torch.Tensor, w: torch.Tensor, importance: torch.Tensor | N
     return out
 
 
+# Tensors above this many elements (embeddings and output matrices of large vocabularies) get their statistics in
+# row chunks, so no float32 copy of the whole tensor is ever made (peak memory stays near one decoder layer).
+STATS_CHUNK = 1 << 24
+
+
 def with_block_error_stats(
     qt: BlockQuantizedTensor, w: torch.Tensor, importance: torch.Tensor | None = None
 ) -> BlockQuantizedTensor:
     """Attach ``error_stats`` of ``qt``'s dequantization against the float weight ``w`` [out, in]."""
-    qt.stats.update(error_stats(qt.dequantize(), w, importance))
+    rows, n = qt.shape
+    if rows * n <= STATS_CHUNK:
+        qt.stats.update(error_stats(qt.dequantize(), w, importance))
+        return qt
+    from qconv.quant.ggml_grid import dequantize, slice_blocks
+
+    nbpr = qt.fields.n_blocks // rows
+    step = max(1, STATS_CHUNK // n)
+    dd = ww = num = den = 0.0
+    lo, hi = 0.0, 0.0
+    imp = None if importance is None else importance.float().to(w.device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        wf = w[r0:r1].float()
+        diff = dequantize(slice_blocks(qt.fields, r0 * nbpr, r1 * nbpr), n).to(w.device).sub_(wf)
+        d1, w1 = diff.reshape(-1), wf.reshape(-1)
+        dd += float(d1.dot(d1))
+        ww += float(w1.dot(w1))
+        a, b = torch.aminmax(d1)
+        lo, hi = min(lo, float(a)), max(hi, float(b))
+        if imp is not None:
+            num += float(diff.square_().mv(imp).sum())
+            den += float(wf.square_().mv(imp).sum())
+    qt.stats.update({"rel_mse": dd / max(ww, 1e-30), "max_abs_err": max(-lo, hi)})
+    if imp is not None:
+        qt.stats["rel_mse_weighted"] = num / max(den, 1e-30)
     return qt
 
 
