@@ -93,6 +93,20 @@ def test_unrouted_expert_gets_recorded_rtn_fallback(cli, starved_mixtral, tmp_pa
             assert torch.isfinite(src.read(name)).all(), name
 
 
+def test_unrouted_expert_fp8_gptq_falls_back_to_rounding(cli, starved_mixtral, tmp_path):
+    """FP8 with GPTQ error feedback: an expert without a Hessian is rounded to nearest, recorded, finite."""
+    out = tmp_path / "fp8"
+    r = cli("quantize", starved_mixtral, "--out", out, "--method", "fp8", "--opt", "fp8_gptq=true", "--opt",
+            "activations=none", "--calib-samples", "8", "--calib-seqlen", "64", "--quiet")  # fmt: skip
+    assert r.code == 0, r.stderr
+    tensors = json.loads((out / "qconv.json").read_text())["tensors"]
+    experts = {n: row for n, row in tensors.items() if ".experts." in n}
+    assert len(experts) == 2 * 3 * EXPERTS
+    for name, row in experts.items():
+        assert bool(row.get("fallback_rtn")) == (".experts.3." in name), (name, row)
+        assert ("gptq_damp" in row) != bool(row.get("fallback_rtn")), (name, row)
+
+
 def test_gguf_refuses_moe_clearly(cli, starved_mixtral, tmp_path):
     out = tmp_path / "m.gguf"
     r = cli("quantize", starved_mixtral, "--out", out, "--format", "gguf", "--quiet")

@@ -73,10 +73,10 @@ class FP8(Method):
         out: dict[str, Fp8Tensor] = {}
         for group in (g.linears for g in ctx.sequential_groups()):
             st = ctx.collect({group[0]: {"xtx"}}).pop(group[0])
-            h = st.xtx.div_(max(st.count, 1))
+            h = st.xtx.div_(st.count) if st.count else None
             for n in group:
                 check_finite(ctx.weight(n), f"{ctx.prefix}{n}")
-                if st.count == 0:  # an expert never routed to: no Hessian, plain rounding
+                if h is None:  # an expert never routed to: no Hessian, plain rounding
                     out[n] = rtn_fallback(quantize_weight(ctx.weight(n), ctx.grids[n], name=f"{ctx.prefix}{n}"))
                 else:
                     try:
