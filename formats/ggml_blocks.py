@@ -300,6 +300,12 @@ class BlockFields:
         return getattr(self, dataclasses.fields(self)[0].name).shape[0]
 
 
+def slice_blocks(fields: BlockFields, b0: int, b1: int) -> BlockFields:
+    """Blocks b0 … b1 − 1 of ``fields`` (views): with n/BLOCK_SIZE blocks per row, a range of whole rows."""
+    cls = type(fields)
+    return cls(**{f.name: getattr(fields, f.name)[b0:b1] for f in dataclasses.fields(cls)})
+
+
 @dataclass(frozen=True, eq=False)
 class Q4_0Fields(BlockFields):
     """d float16 [nb]; q uint8 [nb, 32] in 0..15. value = d * (q - 8)."""

@@ -16,13 +16,13 @@ import torch
 from qconv import __version__
 from qconv.errors import InputError
 from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
-from qconv.formats.ggml_blocks import GGMLType, pack
+from qconv.formats.ggml_blocks import GGMLType, dequantize_blocks, pack, slice_blocks
 from qconv.formats.gguf_meta import gguf_arch, gguf_name, model_kvs, permutation_for, rope_freqs
 from qconv.formats.gguf_mix import FLOAT_TYPES, MixOptions, ModelShape, file_type, named_type, plan_types
 from qconv.formats.gguf_vocab import vocab_kvs
 from qconv.formats.gguf_writer import GV, KV, GGUFTensorSpec, GGUFWriter, string, u32
 from qconv.options import Option
-from qconv.quant.ggml_grid import EFFORTS, dequantize, slice_blocks
+from qconv.quant.ggml_grid import EFFORTS
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid
 
 QUANTIZATION_VERSION = 2
@@ -228,7 +228,7 @@ class GGUFFormat(FormatWriter):
         for r0 in range(0, max(rows, 1), step):
             r1 = min(rows, r0 + step)
             part = fields if step >= rows else slice_blocks(fields, r0 * nbpr, r1 * nbpr)
-            expected = dequantize(part, n).reshape(r1 - r0, n)
+            expected = dequantize_blocks(part).reshape(r1 - r0, n)
             raw = pack(part).reshape(-1)
             last = r1 >= rows
             self.verifier.check(g, "ggml", expected, count=last, raw=raw, ggml_type=int(t), shape=(r1 - r0, n))

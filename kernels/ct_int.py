@@ -63,14 +63,15 @@ if HAVE_TRITON:
         word = start // 32
         shift = start % 32
         lo = tl.load(packed_ptr + rows[:, None] * n_words + word[None, :], mask=mask, other=0)
-        lo = lo.to(tl.uint32, bitcast=True) >> shift[None, :].to(tl.uint32)
-        straddle = (shift + BITS > 32) & cmask
-        hi_mask = rmask[:, None] & straddle[None, :]
-        hi = tl.load(packed_ptr + rows[:, None] * n_words + word[None, :] + 1, mask=hi_mask, other=0)
-        # shift by (32 - shift) only where straddling; elsewhere contribute nothing (avoid shifting by 32).
-        hi_shift = tl.where(straddle, 32 - shift, 0).to(tl.uint32)
-        hi = tl.where(hi_mask, hi.to(tl.uint32, bitcast=True) << hi_shift[None, :], 0)
-        code = ((lo | hi) & mask_bits).to(tl.float32)
+        code = lo.to(tl.uint32, bitcast=True) >> shift[None, :].to(tl.uint32)
+        if 32 % BITS != 0:  # only widths that do not divide 32 have fields straddling two words (compiled out else)
+            straddle = (shift + BITS > 32) & cmask
+            hi_mask = rmask[:, None] & straddle[None, :]
+            hi = tl.load(packed_ptr + rows[:, None] * n_words + word[None, :] + 1, mask=hi_mask, other=0)
+            # shift by (32 - shift) only where straddling; elsewhere contribute nothing (avoid shifting by 32).
+            hi_shift = tl.where(straddle, 32 - shift, 0).to(tl.uint32)
+            code = code | tl.where(hi_mask, hi.to(tl.uint32, bitcast=True) << hi_shift[None, :], 0)
+        code = (code & mask_bits).to(tl.float32)
 
         if HAS_GIDX:
             g = tl.load(gidx_ptr + cols, mask=cmask, other=0)
@@ -82,13 +83,14 @@ if HAVE_TRITON:
             zword = zstart // 32
             zshift = zstart % 32
             zlo = tl.load(zero_ptr + zword[:, None] * n_groups + g[None, :], mask=mask, other=0)
-            zlo = zlo.to(tl.uint32, bitcast=True) >> zshift[:, None].to(tl.uint32)
-            zstr = (zshift + BITS > 32) & rmask
-            zmask = zstr[:, None] & cmask[None, :]
-            zhi = tl.load(zero_ptr + (zword[:, None] + 1) * n_groups + g[None, :], mask=zmask, other=0)
-            zhi_shift = tl.where(zstr, 32 - zshift, 0).to(tl.uint32)
-            zhi = tl.where(zmask, zhi.to(tl.uint32, bitcast=True) << zhi_shift[:, None], 0)
-            zero = ((zlo | zhi) & mask_bits).to(tl.float32)
+            zero = zlo.to(tl.uint32, bitcast=True) >> zshift[:, None].to(tl.uint32)
+            if 32 % BITS != 0:
+                zstr = (zshift + BITS > 32) & rmask
+                zmask = zstr[:, None] & cmask[None, :]
+                zhi = tl.load(zero_ptr + (zword[:, None] + 1) * n_groups + g[None, :], mask=zmask, other=0)
+                zhi_shift = tl.where(zstr, 32 - zshift, 0).to(tl.uint32)
+                zero = zero | tl.where(zmask, zhi.to(tl.uint32, bitcast=True) << zhi_shift[:, None], 0)
+            zero = (zero & mask_bits).to(tl.float32)
         else:
             zero = (1 << (BITS - 1)) * 1.0
         tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], (code - zero) * scale, mask=mask)

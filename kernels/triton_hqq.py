@@ -98,6 +98,11 @@ def dequant_triton(
     if packing != "8bit_u8":
         top = 32 - 2 - width if packing == "3bit_32" else 8 - width  # bit position of chunk 0, as HQQ packs
     w_q = W_q.contiguous()
+    if cols < block_k:
+        # grouped rows shorter than the tile (axis 1: cols = group size, often 64): narrower, taller tiles of the
+        # same size, so no lanes idle behind the column mask
+        narrow = triton.next_power_of_2(cols)
+        block_r, block_k = block_r * (block_k // narrow), narrow
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_k))
     _hqq_dequant_kernel[grid](
         w_q, scale.contiguous(), zero.contiguous(), out,

@@ -20,15 +20,23 @@ import math
 import torch
 
 from qconv.kernels._triton import HAVE_TRITON, lazy_jit, tl, triton
-from qconv.kernels.mx import _E2M1
 
 _OUT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _e2m1_value(code):
+        """E2M1 nibble → float32 from its bits (the _E2M1 table's values, signed zero included): magnitude index m
+        = code & 7 is 0, 0.5 (m = 1) or (1 + (m & 1)/2) · 2^((m >> 1) − 1); a gather from a table costs more."""
+        m = code & 7
+        mag = tl.where(m == 1, 126 << 23, ((126 + (m >> 1)) << 23) | ((m & 1) << 22))
+        mag = tl.where(m == 0, 0, mag)
+        return (((code >> 3) << 31) | mag).to(tl.float32, bitcast=True)
+
     @lazy_jit
     def _ct_fp4_kernel(
-        packed_ptr, scale_ptr, gs_ptr, tab_ptr, out_ptr,
+        packed_ptr, scale_ptr, gs_ptr, out_ptr,
         n_rows, n_cols, n_blocks_row, block,
         E8M0: tl.constexpr, HAS_GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # fmt: skip
@@ -38,7 +46,7 @@ if HAVE_TRITON:
         r64 = r.to(tl.int64)[:, None]
         byte = tl.load(packed_ptr + r64 * (n_cols // 2) + (c // 2)[None, :], mask=mask, other=0).to(tl.int32)
         code = (byte >> ((c % 2) * 4)[None, :]) & 0xF  # even element in the low nibble
-        v = tl.load(tab_ptr + code)
+        v = _e2m1_value(code)
         sb = tl.load(scale_ptr + r64 * n_blocks_row + (c // block)[None, :], mask=mask, other=0).to(tl.int32)
         if E8M0:
             eff = tl.where(sb == 0, 0x00400000, sb << 23).to(tl.float32, bitcast=True)
@@ -59,13 +67,13 @@ if HAVE_TRITON:
 
     @lazy_jit
     def _gptoss_kernel(
-        blocks_ptr, scales_ptr, tab_ptr, out_ptr, n_blocks, OUT: tl.constexpr, BLOCK_B: tl.constexpr
+        blocks_ptr, scales_ptr, out_ptr, n_blocks, OUT: tl.constexpr, BLOCK_B: tl.constexpr
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
         j = tl.arange(0, 32)[None, :]
         bm = b < n_blocks
         byte = tl.load(blocks_ptr + b * 16 + j // 2, mask=bm, other=0).to(tl.int32)
-        v = tl.load(tab_ptr + ((byte >> ((j % 2) * 4)) & 0xF))
+        v = _e2m1_value((byte >> ((j % 2) * 4)) & 0xF)
         e = tl.load(scales_ptr + b, mask=bm, other=0).to(tl.int32)
         w = v * tl.where(e == 0, 0x00400000, e << 23).to(tl.float32, bitcast=True)
         if OUT == "bf16":
@@ -74,10 +82,6 @@ if HAVE_TRITON:
         elif OUT == "fp16":
             w = w.to(tl.float16).to(tl.float32)
         tl.store(out_ptr + b * 32 + j, w, mask=bm)
-
-
-def _table(device) -> torch.Tensor:
-    return torch.tensor(_E2M1, dtype=torch.float32, device=device)
 
 
 def ct_fp4_triton(
@@ -107,7 +111,7 @@ def ct_fp4_triton(
     gs = global_scale.float().reshape(-1).contiguous() if has_gs else sbytes
     grid = (triton.cdiv(out_f, block_r), triton.cdiv(in_f, block_c))
     _ct_fp4_kernel[grid](
-        packed.contiguous(), sbytes, gs, _table(packed.device), out,
+        packed.contiguous(), sbytes, gs, out,
         out_f, in_f, sbytes.shape[-1], block,
         E8M0=e8m0, HAS_GS=has_gs, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
     )  # fmt: skip
@@ -130,7 +134,7 @@ def gptoss_triton(
     if n_blocks == 0:
         return out
     _gptoss_kernel[(triton.cdiv(n_blocks, block_b),)](
-        blocks.contiguous(), scales.contiguous(), _table(blocks.device), out, n_blocks,
+        blocks.contiguous(), scales.contiguous(), out, n_blocks,
         OUT=_OUT[out_dtype], BLOCK_B=block_b, enable_fp_fusion=False,
     )  # fmt: skip
     return out

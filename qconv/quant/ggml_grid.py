@@ -903,12 +903,6 @@ def _check_w(w: torch.Tensor, t: GGMLType) -> tuple[int, int]:
     return rows, n
 
 
-def slice_blocks(fields: BlockFields, b0: int, b1: int) -> BlockFields:
-    """Blocks b0 … b1 − 1 of ``fields`` (views): with n/BLOCK_SIZE blocks per row, a range of whole rows."""
-    cls = type(fields)
-    return cls(**{f.name: getattr(fields, f.name)[b0:b1] for f in dataclasses.fields(cls)})
-
-
 def _concat_fields(parts: list[BlockFields]) -> BlockFields:
     if len(parts) == 1:
         return parts[0]

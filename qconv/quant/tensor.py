@@ -149,7 +149,8 @@ def with_block_error_stats(
     if rows * n <= STATS_CHUNK:
         qt.stats.update(error_stats(qt.dequantize(), w, importance))
         return qt
-    from qconv.quant.ggml_grid import dequantize, slice_blocks
+    from qconv.formats.ggml_blocks import slice_blocks
+    from qconv.quant.ggml_grid import dequantize
 
     nbpr = qt.fields.n_blocks // rows
     step = max(1, STATS_CHUNK // n)
