@@ -38,7 +38,9 @@ if HAVE_TRITON:
             normal = ((b >> 7) << 31) | ((e + 120) << 23) | (m << 20)
             normal = tl.where((b & 0x7F) == 0x7F, 0x7FC00000, normal).to(tl.float32, bitcast=True)  # NaN
             sub = m.to(tl.float32) * 0.001953125  # m · 2^-9, exact
-            w = tl.where(e == 0, tl.where(b >= 128, -sub, sub), normal)
+            # the sign goes on by its bit: compiled, a negation of +0.0 can come out +0.0 (0x80 is −0.0)
+            sub = (sub.to(tl.uint32, bitcast=True) | ((b >> 7) << 31).to(tl.uint32)).to(tl.float32, bitcast=True)
+            w = tl.where(e == 0, sub, normal)
         else:  # e5m2: the high byte of a float16
             w = (b << 8).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         if MODE == 0:

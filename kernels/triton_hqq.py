@@ -80,7 +80,7 @@ def dequant_triton(
     nbits: int,
     group_size: int,
     axis: int,
-    block_r: int = 32,
+    block_r: int = 16,
     block_k: int = 128,
 ) -> torch.Tensor:
     """Triton kernel, same contract as ``qconv.kernels.hqq.dequant_reference`` (CUDA, or CPU under

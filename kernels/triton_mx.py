@@ -56,7 +56,8 @@ if HAVE_TRITON:
             normal = ((sb >> 7) << 31) | ((e + 120) << 23) | (m << 20)
             normal = tl.where((sb & 0x7F) == 0x7F, 0x7FC00000, normal).to(tl.float32, bitcast=True)  # NaN
             sub = m.to(tl.float32) * 0.001953125  # m · 2^-9, exact
-            sub = tl.where(sb >= 128, -sub, sub)
+            # sign by its bit: compiled, negating +0.0 can give +0.0 (0x80 is −0.0)
+            sub = (sub.to(tl.uint32, bitcast=True) | ((sb >> 7) << 31).to(tl.uint32)).to(tl.float32, bitcast=True)
             eff = tl.where(e == 0, sub, normal)
             if HAS_GS:
                 eff = tl.math.div_rn(eff, tl.load(gs_ptr).to(tl.float32))
@@ -90,8 +91,8 @@ def ct_fp4_triton(
     shape: tuple[int, int],
     global_scale: torch.Tensor | None = None,
     block: int = 32,
-    block_r: int = 16,
-    block_c: int = 128,
+    block_r: int = 2,
+    block_c: int = 1024,
 ) -> torch.Tensor:
     """Triton kernel, same contract as ``qconv.kernels.mx.ct_fp4_reference`` (CUDA, or CPU under
     TRITON_INTERPRET=1); ``block_r``/``block_c`` (powers of two) set the output tile."""
