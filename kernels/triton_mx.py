@@ -37,17 +37,20 @@ if HAVE_TRITON:
     @lazy_jit
     def _ct_fp4_kernel(
         packed_ptr, scale_ptr, gs_ptr, out_ptr,
-        n_rows, n_cols, n_blocks_row, block,
-        E8M0: tl.constexpr, HAS_GS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        n_rows, n_cols, n_blocks_row,
+        E8M0: tl.constexpr, HAS_GS: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr, NB: tl.constexpr,
     ):  # fmt: skip
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = (r < n_rows)[:, None] & (c < n_cols)[None, :]
-        r64 = r.to(tl.int64)[:, None]
-        byte = tl.load(packed_ptr + r64 * (n_cols // 2) + (c // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((c % 2) * 4)[None, :]) & 0xF  # even element in the low nibble
-        v = _e2m1_value(code)
-        sb = tl.load(scale_ptr + r64 * n_blocks_row + (c // block)[None, :], mask=mask, other=0).to(tl.int32)
+        # The tile is [BLOCK_R, NB, BS]: rows, scale blocks, elements of a block; each block's scale is decoded
+        # (and for NVFP4 divided by the global scale) once, not once per element.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None, None]
+        nb = tl.program_id(1) * NB + tl.arange(0, NB)[None, :, None]
+        c = nb * BS + tl.arange(0, BS)[None, None, :]
+        rm = r < n_rows
+        mask = rm & (c < n_cols)
+        r64 = r.to(tl.int64)
+        byte = tl.load(packed_ptr + r64 * (n_cols // 2) + c // 2, mask=mask, other=0).to(tl.int32)
+        v = _e2m1_value((byte >> ((c % 2) * 4)) & 0xF)  # even element in the low nibble
+        sb = tl.load(scale_ptr + r64 * n_blocks_row + nb, mask=rm & (nb < n_blocks_row), other=0).to(tl.int32)
         if E8M0:
             eff = tl.where(sb == 0, 0x00400000, sb << 23).to(tl.float32, bitcast=True)
         else:  # float8_e4m3fn bits
@@ -64,7 +67,7 @@ if HAVE_TRITON:
         w = v * eff
         wb = w.to(tl.uint32, bitcast=True)  # → bfloat16, round to nearest even on the bits; NaN kept
         w = tl.where(w != w, w, ((wb + 0x7FFF + ((wb >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True))
-        tl.store(out_ptr + r64 * n_cols + c[None, :], w, mask=mask)
+        tl.store(out_ptr + r64 * n_cols + c, w, mask=mask)
 
     @lazy_jit
     def _gptoss_kernel(
@@ -110,11 +113,12 @@ def ct_fp4_triton(
     sbytes = scale.contiguous().view(torch.uint8)
     has_gs = global_scale is not None and not e8m0
     gs = global_scale.float().reshape(-1).contiguous() if has_gs else sbytes
-    grid = (triton.cdiv(out_f, block_r), triton.cdiv(in_f, block_c))
+    nb = max(1, block_c // block)  # scale blocks per tile (block and block_c are powers of two)
+    grid = (triton.cdiv(out_f, block_r), triton.cdiv(in_f // block, nb))
     _ct_fp4_kernel[grid](
         packed.contiguous(), sbytes, gs, out,
-        out_f, in_f, sbytes.shape[-1], block,
-        E8M0=e8m0, HAS_GS=has_gs, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=False,
+        out_f, in_f, sbytes.shape[-1],
+        E8M0=e8m0, HAS_GS=has_gs, BS=block, BLOCK_R=block_r, NB=nb, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
