@@ -162,9 +162,14 @@ def test_large_tensors_go_in_row_chunks(cli, tmp_path, tokenizer_files, monkeypa
         monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS", elems)
         monkeypatch.setattr(qtensor, "STATS_CHUNK", elems)
         outs[label] = tmp_path / f"{label}.gguf"
-        r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_K_M", "--out", outs[label], "-q", "--json")
+        r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_K_M", "--imatrix", "auto", "--calib-samples",
+                "4", "--calib-seqlen", "32", "--out", outs[label], "-q", "--json")  # fmt: skip
         assert r.code == 0, r.stderr
     assert outs["whole"].read_bytes() == outs["chunked"].read_bytes()
+    assert any(
+        "rel_mse_weighted" in st
+        for st in json.loads(outs["whole"].with_name("whole.gguf.qconv.json").read_text())["tensors"].values()
+    )
     m = {k: json.loads(v.with_name(v.name + ".qconv.json").read_text()) for k, v in outs.items()}
     assert m["whole"]["verification"]["tensors"] == m["chunked"]["verification"]["tensors"]
     for name, st in m["whole"]["tensors"].items():

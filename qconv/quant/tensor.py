@@ -168,7 +168,7 @@ def with_block_error_stats(
         lo, hi = min(lo, float(a)), max(hi, float(b))
         if imp is not None:
             num += float(diff.square_().mv(imp).sum())
-            den += float(wf.square_().mv(imp).sum())
+            den += float(wf.square().mv(imp).sum())  # not in place: for float32 weights wf is w itself
     qt.stats.update({"rel_mse": dd / max(ww, 1e-30), "max_abs_err": max(-lo, hi)})
     if imp is not None:
         qt.stats["rel_mse_weighted"] = num / max(den, 1e-30)
