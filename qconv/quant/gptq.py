@@ -114,17 +114,29 @@ def gptq_block_reference(
     modified), u1 float32 [B, B] (its block of the inverse Hessian's upper Cholesky factor), s/z float32 [R, B]
     (each column's scale and zero point). Returns codes uint8 [R, B] and the scaled errors float32 [R, B] that the
     caller feeds forward onto the later columns (``W[:, B:] -= E @ U[batch, later]``)."""
-    # Columns as contiguous rows: each step reads one row and updates the rows after it in place (~2.5× faster
-    # than strided columns on CPU); the arithmetic is the kernel's, operation for operation.
-    wt, st, zt = w1.t().contiguous(), s.t().contiguous(), z.t().contiguous()
-    codes = torch.empty(wt.shape, dtype=torch.uint8, device=w1.device)
+    st, zt = s.t().contiguous(), z.t().contiguous()
+
+    def rounded(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.clamp(torch.round(x / st[i]) + zt[i], 0, qmax)
+        return q.to(torch.uint8), (q - zt[i]) * st[i]
+
+    return _column_loop(w1, u1, rounded, torch.uint8)
+
+
+def _column_loop(w1: torch.Tensor, u1: torch.Tensor, rounded, code_dtype: torch.dtype):
+    """GPTQ's column loop over one lazy batch for any element grid: ``rounded(x, i)`` gives column i's codes and
+    their dequantized values. Columns are held as contiguous rows, each step updating the rows after it in place
+    (~2.5× faster than strided columns on CPU); the arithmetic is the Triton kernel's, operation for operation.
+    Returns codes [R, B] and the scaled errors float32 [R, B]."""
+    wt = w1.t().contiguous()
+    codes = torch.empty(wt.shape, dtype=code_dtype, device=w1.device)
     errs = torch.empty_like(wt)
     for i in range(wt.shape[0]):
         x = wt[i]
-        q = torch.clamp(torch.round(x / st[i]) + zt[i], 0, qmax)
-        err = (x - (q - zt[i]) * st[i]) / u1[i, i]
+        q, dq = rounded(x, i)
+        err = (x - dq) / u1[i, i]
         wt[i + 1 :] -= u1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
-        codes[i] = q.to(torch.uint8)
+        codes[i] = q
         errs[i] = err
     return codes.t(), errs.t()
 
@@ -284,17 +296,13 @@ def gptq_block_fp8(w1: torch.Tensor, u1: torch.Tensor, s: torch.Tensor) -> tuple
     """One lazy batch of GPTQ's column loop onto FP8 E4M3: w1 float32 [R, B] (not modified), u1 float32 [B, B],
     s float32 [R, B] (each element's scale). Returns codes float8_e4m3fn [R, B] (x / s clamped to ±448, rounded
     to nearest) and the scaled errors float32 [R, B]."""
-    wt, st = w1.t().contiguous(), s.t().contiguous()  # columns as contiguous rows, as in gptq_block_reference
-    codes = torch.empty(wt.shape, dtype=fp8.FP8_DTYPE, device=w1.device)
-    errs = torch.empty_like(wt)
-    for i in range(wt.shape[0]):
-        x = wt[i]
+    st = s.t().contiguous()
+
+    def rounded(x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         q = (x / st[i]).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8_DTYPE)
-        err = (x - q.float() * st[i]) / u1[i, i]
-        wt[i + 1 :] -= u1[i, i + 1 :].unsqueeze(1) * err.unsqueeze(0)
-        codes[i] = q
-        errs[i] = err
-    return codes.t(), errs.t()
+        return q, q.float() * st[i]
+
+    return _column_loop(w1, u1, rounded, fp8.FP8_DTYPE)
 
 
 def gptq_fp8(w: torch.Tensor, h: torch.Tensor, grid: fp8.Fp8Grid, cfg: GPTQConfig) -> tuple[fp8.Fp8Tensor, GPTQInfo]:
