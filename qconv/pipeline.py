@@ -27,13 +27,14 @@ from qconv.formats.hf_folder import AtomicOutput, dtype_name
 from qconv.formats.registry import WRITERS
 from qconv.kernels.verify import Verifier
 from qconv.manifest import BackgroundDigests, build_manifest, write_manifest, write_model_card
-from qconv.memory import trim
+from qconv.memory import available_memory, trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.methods.rtn import rtn
 from qconv.model.runner import LayerRunner, compute_dtype, load_weights
 from qconv.model.source import TensorSource, open_source
 from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
+from qconv.replay import ReplayCache
 from qconv.resume import NoCheckpoints, ResumeStore, fingerprint
 from qconv.stats import StatsCollector
 
@@ -82,6 +83,7 @@ class RunOptions:
     resume: bool = False  # continue an interrupted run after its last finished layer (qconv.resume)
     offload_activations: str | None = None  # folder for the calibration activations (disk instead of memory)
     checkpoint: bool = True  # keep per-layer checkpoints for --resume (they take about the output's size on disk)
+    replay: bool = True  # reuse finished sub-blocks' inputs across a layer's calibration passes (qconv.replay)
 
 
 def resolve_dtype(name: str, source: TensorSource) -> torch.dtype:
@@ -257,8 +259,11 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 prefix = a.layer_prefix(i)
                 linears = [lin for lin in a.linears if f"{prefix}{lin}.weight" in plan.method]
 
-                def collect(wanted, layer=layer, i=i):
-                    with StatsCollector(layer, wanted, stop_early=True) as stats:
+                replay = replay_cache(runner, layer, i, hidden, linears, run, device)
+
+                def collect(wanted, layer=layer, i=i, replay=replay):
+                    # the replay hooks go first: a memo keeps a linear's input before the collector stops the pass
+                    with replay.pass_(wanted), StatsCollector(layer, wanted, stop_early=True) as stats:
                         runner.run(layer, i, hidden, run.batch_size, keep=False)
                     return stats
 
@@ -285,9 +290,10 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                         write_other(name, override, log)
                 last = i + 1 == source.num_layers
                 if hidden is not None and not last:
-                    runner.run(layer, i, hidden, run.batch_size, into=hidden)
+                    with replay.pass_():
+                        runner.run(layer, i, hidden, run.batch_size, into=hidden)
                 store.save_layer(i, log, None if last else hidden, output.path)
-                del layer, lctx, qts, log
+                del layer, lctx, qts, log, replay
                 trim()
                 layer_seconds.append(time.perf_counter() - t_layer)
                 advance(1, f"layer {i}")
@@ -372,6 +378,24 @@ def effective_options(cfg: QuantizeConfig) -> tuple[dict, dict, dict, bool]:
     if made_static:
         opts["static_groups"] = True
     return opts, method_opts, format_opts, made_static
+
+
+def replay_cache(runner, layer, i: int, hidden, linears: list[str], run: RunOptions, device: torch.device):
+    """The layer's sub-block memo (qconv.replay) when it pays and fits: calibration activations in memory on the
+    CPU, where attention is the slow part of each true-sequential pass. Budget: four times the activations and a
+    quarter of the memory available now, so a big model still runs in about one layer plus activations."""
+    if hidden is None or not run.replay or device.type != "cpu" or run.offload_activations:
+        return ReplayCache(layer, [], 0, 0, 0, lambda: None)
+    budget = min(4 * hidden.numel() * hidden.element_size(), available_memory() // 4)
+    n, t = hidden.shape[:2]
+    return ReplayCache(
+        layer,
+        linears,
+        n * t,
+        torch.empty((), dtype=runner.dtype).element_size(),
+        budget,
+        lambda: runner.run(layer, i, hidden[:1], 1, keep=False),
+    )
 
 
 def embed_all(runner: LayerRunner, tokens: torch.Tensor, device: torch.device, offload: str | None, batch: int):
