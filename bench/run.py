@@ -442,8 +442,9 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
         # compressed-tensors stores the same way (static groups)
         same = ["--act-order"] if method == "gptq" else []
         runs = [("llm-compressor", lq, le)]
-        for label, extra in (("qconv", []), ("qconv, `--compute-dtype bfloat16`", ["--compute-dtype", "bfloat16"])):
-            qpath = d / f"qconv-{method}{'-bf16' if extra else ''}"
+        for label, extra in (("qconv", []), ("qconv, `--compute-dtype bfloat16-mixed`",
+                                              ["--compute-dtype", "bfloat16-mixed"])):  # fmt: skip
+            qpath = d / f"qconv-{method}{'-mixed' if extra else ''}"
             qq = run_isolated([*QCONV, "quantize", str(base), "--method", method, "--bits", "4", "--group-size", "64",
                                "--asym", *same, *extra, *calib, "--out", str(qpath), "--force", "-q", "--json",
                                *QUANT_ARGS])  # fmt: skip
@@ -472,8 +473,9 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
             f"WikiText-2 test, {chunks} chunks × 512, KLD against the base. Wall time is the whole command "
             "(process start, model load, calibration, quantization, save). Targets: KLD ≤ llm-compressor's, wall "
             "≤ 0.5×. Both tools load the bf16 model in float32 on this CPU (llm-compressor in bf16 here ran over 30 "
-            "min for GPTQ alone); qconv's second row runs its calibration passes in bf16 (`--compute-dtype "
-            "bfloat16`: this CPU has AVX512-BF16; statistics still accumulate in float32).",
+            "min for GPTQ alone); qconv's second row runs the matmuls and attention of its calibration passes in bf16 "
+            "under autocast, activations and statistics in float32 (`--compute-dtype bfloat16-mixed`: this CPU has "
+            "AVX512-BF16).",
             "",
             "| method | tool | wall s | peak RSS MiB | ppl | mean KLD | top-1 |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -79,7 +79,7 @@ def dequant_triton(
     g_idx: torch.Tensor,
     bits: int,
     checkpoint_format: str = "gptq",
-    block_o: int = 32,
+    block_o: int | None = None,
     block_i: int = 128,
 ) -> torch.Tensor:
     """Triton kernel, same contract as ``qconv.kernels.gptq.dequant_reference`` (CUDA, or CPU under
@@ -93,6 +93,10 @@ def dequant_triton(
     if out.numel() == 0:
         return out
     qzeros = qzeros.contiguous()
+    if block_o is None:
+        # measured on the H100 (bench/kernels_dequant.py): 3-bit fields, read as two words, run best on 16-row
+        # tiles (72 % of copy vs 64 % on 32); 2/4/8 bits on 32 (16 rows lose a third with act-order's g_idx)
+        block_o = 16 if 32 % bits else 32
     grid = (triton.cdiv(out_f, block_o), triton.cdiv(in_f, block_i))
     _gptq_dequant_kernel[grid](
         qweight.contiguous(), qzeros, scales.contiguous(), g_idx.to(torch.int32).contiguous(), out,

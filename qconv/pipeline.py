@@ -30,7 +30,7 @@ from qconv.manifest import BackgroundDigests, build_manifest, write_manifest, wr
 from qconv.memory import available_memory, trim
 from qconv.methods import METHODS, LayerContext, MethodOptions
 from qconv.methods.rtn import rtn
-from qconv.model.runner import LayerRunner, compute_dtype, load_weights
+from qconv.model.runner import LayerRunner, compute_mode, load_weights
 from qconv.model.source import TensorSource, open_source
 from qconv.options import resolve as resolve_options
 from qconv.progress import Reporter
@@ -183,7 +183,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         # no layer classes), except for fused MoE experts, which the real layer unfuses.
         runner = None
         if method.needs_calibration or a.experts is not None:
-            runner = LayerRunner(source, device, compute_dtype(device, cfg.compute_dtype))
+            runner = LayerRunner(source, device, *compute_mode(device, cfg.compute_dtype))
         calib = None
         hidden = None
         if method.needs_calibration:

@@ -36,6 +36,11 @@ class LinearStats:
     extra: dict = field(default_factory=dict)
 
     def update(self, x: torch.Tensor) -> None:
+        # hooks run inside the layer's forward: under autocast, x.T @ x would come back in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            self._update(x)
+
+    def _update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         self.count += x.shape[0]
         if "abs_mean" in self.kinds:

@@ -183,21 +183,25 @@ def test_inverse_hessian_factor_is_the_textbook_one():
 
 
 def test_compute_dtype_is_a_setting(cli, tokenizer_files, tmp_path):
-    """--compute-dtype bfloat16 runs the calibration passes in bf16 (on CPU too): a valid artifact, other statistics
-    than float32's, the setting recorded in the manifest (and so in the resume fingerprint)."""
+    """--compute-dtype bfloat16 runs the calibration passes in bf16 (on CPU too), bfloat16-mixed runs their matmuls
+    and attention in bf16 under autocast with float32 activations and statistics (a bf16 XᵀX would fail to
+    accumulate): valid artifacts, other statistics than float32's, the setting recorded in the manifest (and so in
+    the resume fingerprint)."""
     from safetensors.torch import load_file
 
     model = tiny_model(tmp_path, "llama", tokenizer_files)
     args = ["--method", "gptq", "--bits", "4", "--group-size", "32", "--calib-samples", "4", "--calib-seqlen", "64"]
     outs = {}
-    for cd in ("float32", "bfloat16"):
+    for cd in ("float32", "bfloat16", "bfloat16-mixed"):
         outs[cd] = tmp_path / cd
         r = cli("quantize", model, "--out", outs[cd], "-q", "--compute-dtype", cd, *args)
         assert r.code == 0, r.stderr
         assert json.loads((outs[cd] / "qconv.json").read_text())["config"]["compute_dtype"] == cd
-    a, b = (load_file(outs[cd] / "model.safetensors") for cd in ("float32", "bfloat16"))
-    assert a.keys() == b.keys()
-    assert any(not torch.equal(a[k], b[k]) for k in a if k.endswith("weight_packed"))
+    a, b, m = (load_file(outs[cd] / "model.safetensors") for cd in ("float32", "bfloat16", "bfloat16-mixed"))
+    assert a.keys() == b.keys() == m.keys()
+    for other in (b, m):
+        assert any(not torch.equal(a[k], other[k]) for k in a if k.endswith("weight_packed"))
+    assert any(not torch.equal(b[k], m[k]) for k in a if k.endswith("weight_packed"))
     r = cli("quantize", model, "--out", tmp_path / "bad", "--compute-dtype", "int8", *args)
     assert r.code == 2 and "compute-dtype" in r.stderr
 

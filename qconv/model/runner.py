@@ -28,6 +28,20 @@ def hf_config(config: dict):
     return cfg
 
 
+MIXED = "bfloat16-mixed"
+
+
+def compute_mode(device: torch.device, name: str = "auto") -> tuple[torch.dtype, torch.dtype | None]:
+    """(activation dtype, autocast dtype or None) for a ``--compute-dtype`` name.
+
+    ``bfloat16-mixed``: activations, residual stream, norms and statistics in float32, matmuls and attention in
+    bfloat16 under ``torch.autocast`` — bf16's speed on CPUs with AVX512-BF16/AMX (and GPUs) without carrying the
+    residual stream in bf16 through every layer."""
+    if name == MIXED:
+        return torch.float32, torch.bfloat16
+    return compute_dtype(device, name), None
+
+
 def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """float32 on CPU; bfloat16 on GPUs unless asked (``name``: auto, float32, bfloat16, float16).
 
@@ -36,7 +50,7 @@ def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
-        raise InputError(f"--dtype {name}: choose auto, float32, bfloat16 or float16")
+        raise InputError(f"--compute-dtype {name}: choose auto, float32, bfloat16, float16 or {MIXED}")
     return table[name]
 
 
@@ -61,15 +75,23 @@ def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torc
 class LayerRunner:
     """Embedding, decoder layers and head of a model, materialised one at a time from ``source``.
 
-    device/dtype: where and in which float dtype layers compute (activations use the same dtype).
+    device/dtype: where and in which float dtype layers compute (activations use the same dtype); autocast: a lower
+    precision the layers' matmuls and attention run in (``torch.autocast``), or None.
     """
 
-    def __init__(self, source: TensorSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        source: TensorSource,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        autocast: torch.dtype | None = None,
+    ):
         import transformers
 
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype
+        self.autocast = autocast
         self.cfg = hf_config(source.config)
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(self.cfg)
@@ -142,12 +164,13 @@ class LayerRunner:
     def forward_layer(self, layer: nn.Module, i: int, h: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
         """One decoder layer on hidden states [B, T, H] → [B, T, H]."""
         ctx = ctx or self._context(h)
-        out = layer(
-            h,
-            attention_mask=ctx["masks"][self.layer_types[i]],
-            position_ids=ctx["pos"],
-            position_embeddings=ctx["rope"],
-        )
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = layer(
+                h,
+                attention_mask=ctx["masks"][self.layer_types[i]],
+                position_ids=ctx["pos"],
+                position_embeddings=ctx["rope"],
+            )
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
