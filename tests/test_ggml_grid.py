@@ -330,3 +330,26 @@ def test_effort_auto_and_bad_name() -> None:
     assert torch.equal(gb.pack(gg.fit(w, T.Q4_K, effort="auto")), gb.pack(gg.fit(w, T.Q4_K, effort="fast")))
     with pytest.raises(ValueError, match="effort"):
         gg.fit(w, T.Q4_K, effort="slow")
+
+
+def test_q3_k_without_importance_weighs_large_weights(data: dict, monkeypatch) -> None:
+    """Without an imatrix, Q3_K fits under sqrt(σ² + w²) per element (σ² the super-block's mean square): the fields
+    are the better ones under that weighting, a plain fit's under plain error, and an imatrix overrides it."""
+    w = _get(data, "real")
+    n = w.shape[1]
+    blocks = w.double().reshape(-1, gb.BLOCK_SIZE[T.Q3_K]).square()
+    surrogate = (1 + blocks / blocks.mean(1, keepdim=True)).sqrt().reshape(w.shape)
+
+    def err(f, weight):
+        return float(((gg.dequantize(f, n).double() - w.double()).square() * weight).sum())
+
+    ours = gg.fit(w, T.Q3_K)
+    monkeypatch.setattr(gg, "SURROGATE_TYPES", frozenset())
+    plain = gg.fit(w, T.Q3_K)
+    assert err(ours, surrogate) < err(plain, surrogate)
+    assert err(plain, 1.0) < err(ours, 1.0)
+    imp = _importance()
+    with_imp = gg.fit(w, T.Q3_K, imp)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(gg.fit(w, T.Q3_K, imp)),
+                                                 dataclasses.astuple(with_imp), strict=True))  # fmt: skip
