@@ -429,11 +429,12 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
         return _json(run_isolated([*QCONV, "eval", str(path), "--base", str(base), "--text", str(text), "--chunks",
                                    str(chunks), "--json", "-q", *EVAL_ARGS]))  # fmt: skip
 
-    rows = []
-    cmds = []
-    verdicts = []
-    # QCONV_BENCH_LLMC_METHODS=gptq skips the AWQ pair (llm-compressor's AWQ alone runs over 30 min on 2 cores)
-    for method in os.environ.get("QCONV_BENCH_LLMC_METHODS", "gptq,awq").split(","):
+    # Each method's rows are kept in bench-out/llmc/results.json: QCONV_BENCH_LLMC_METHODS=gptq (or awq) re-runs one
+    # pair (llm-compressor's AWQ alone runs ~1 h on 2 cores) and the table still shows the other's last run.
+    cache = d / "results.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    for method in [m for m in os.environ.get("QCONV_BENCH_LLMC_METHODS", "gptq,awq").split(",") if m]:
+        rows, cmds, verdicts = [], [], []
         lpath = d / f"llmc-{method}"
         lq = run_isolated([str(py), str(REPO / "bench" / "llmc_anchor.py"), str(base), str(tokens), str(lpath),
                            "--method", method, "--group-size", "64"])  # fmt: skip
@@ -461,13 +462,20 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
                             f"{'met' if k_ok else 'NOT met'}; wall {q['wall_s'] / lq['wall_s']:.2f}× — "
                             f"{'met' if t_ok else 'NOT met'}.")  # fmt: skip
         cmds.insert(len(cmds) - 2, lq["cmd"])
+        done[method] = {"date": date.today().isoformat(), "rows": rows, "verdicts": verdicts, "cmds": cmds}
+        cache.write_text(json.dumps(done, indent=1))
+    order = [m for m in ("gptq", "awq") if m in done]
+    rows = [r for m in order for r in done[m]["rows"]]
+    verdicts = [v for m in order for v in done[m]["verdicts"]]
+    cmds = [c for m in order for c in done[m]["cmds"]]
+    dates = ", ".join(f"{m.upper()} {done[m]['date']}" for m in order)
     return "\n".join(
         [
             "## llm-compressor anchor (#4): GPTQ and AWQ, w4g64 asymmetric, CPU",
             "",
-            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `python bench/run.py --suite "
-            "llmcompressor` (llm-compressor runs in its own venv, `bench-out/llmc-venv`: it pins transformers ≤ 5.17 "
-            "and compressed-tensors 0.19).",
+            f"Machine: {machine()}. Date: {dates} (each pair of rows from one run). Command: `python bench/run.py "
+            "--suite llmcompressor` (llm-compressor runs in its own venv, `bench-out/llmc-venv`: it pins "
+            "transformers ≤ 5.17 and compressed-tensors 0.19).",
             "Model: dithered SmolLM2-135M (bf16). Calibration: the same 128 × 512 token ids of WikiText-2 validation "
             "for both tools (qconv's sampler, handed to llm-compressor as a dataset). Eval: `qconv eval`, "
             f"WikiText-2 test, {chunks} chunks × 512, KLD against the base. Wall time is the whole command "
