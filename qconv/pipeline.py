@@ -392,7 +392,7 @@ def replay_cache(runner, layer, i: int, hidden, linears: list[str], run: RunOpti
         layer,
         linears,
         n * t,
-        torch.empty((), dtype=runner.dtype).element_size(),
+        runner.dtype.itemsize,
         budget,
         lambda: runner.run(layer, i, hidden[:1], 1, keep=False),
     )

@@ -42,6 +42,11 @@ class _Memo:
             live.shape == snap.shape and torch.equal(live, snap) for live, snap in self.deps
         )
 
+    @property
+    def cost(self) -> int:
+        """Bytes held: the kept inputs (as budgeted) and the snapshots."""
+        return self.nbytes + _bytes(snap for _, snap in self.deps)
+
     def drop(self) -> None:
         self.inputs, self.deps = None, []
 
@@ -139,11 +144,11 @@ class ReplayCache:
         handles, patched, captures = [], [], {}
         self._batch = -1
         handles.append(self.layer.register_forward_pre_hook(self._next_batch))
-        used = sum(m.nbytes + _bytes(m.deps) for m in self.memos if m.inputs is not None)
         for m in self.memos:
             if m.inputs is not None and not m.valid():
-                used -= m.nbytes + _bytes(m.deps)
                 m.drop()
+        used = sum(m.cost for m in self.memos if m.inputs is not None)
+        for m in self.memos:
             inside = {w for w in wanted if w.startswith(m.module + ".") and w != m.last}
             if m.inputs is not None:
                 if not inside:
@@ -192,5 +197,5 @@ class ReplayCache:
         return forward
 
 
-def _bytes(tensors: Iterable) -> int:
-    return sum(t.numel() * t.element_size() for t in (x[0] if isinstance(x, tuple) else x for x in tensors))
+def _bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
