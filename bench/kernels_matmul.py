@@ -14,6 +14,7 @@ measured device-to-device copy (bytes read + written). Writes kernels_matmul.jso
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -96,9 +97,9 @@ def read_bandwidth(n: int = 28672, kw: int = 1024) -> float:
         while kw % (split * bkw):
             split -= 1
         out = torch.empty(split * n, dtype=torch.int32, device="cuda")
-        best = min(best, graph_time([lambda b=b: stream[(tiles, split)](b, out, kw // split, KW=kw, BLOCK_N=bn,
-                                                                        BLOCK_KW=bkw, num_warps=warps)
-                                     for b in bufs], reps=5))  # fmt: skip
+        launch = functools.partial(stream[(tiles, split)], out_ptr=out, kw_per_split=kw // split, KW=kw, BLOCK_N=bn,
+                                   BLOCK_KW=bkw, num_warps=warps)  # fmt: skip
+        best = min(best, graph_time([functools.partial(launch, b) for b in bufs], reps=5))
     return nbytes / (best * 1e-6)
 
 
@@ -225,10 +226,16 @@ def targets(rows: list[dict], copy_bw: float, read_bw: float | None = None) -> l
         if read_bw:
             tg_bw = r["bytes"]["tinygemm"] / (tg * 1e-6) if tg else None
             need = 1.2 * r["bytes"]["qconv"] / (tg * 1e-6) if tg else None
-            out.append(f"M=1, 8192×28672, for context: a kernel that only streams these weights reads "
-                       f"{read_bw / 1e12:.2f} TB/s; qconv reads {q_bw / 1e12:.2f} ({100 * q_bw / read_bw:.0f} % of "
-                       f"that)" + (f", tinygemm {tg_bw / 1e12:.2f} ({100 * tg_bw / read_bw:.0f} %); 1.2× tinygemm "
-                                   f"means {need / 1e12:.2f} TB/s ({100 * need / read_bw:.0f} %)" if tg else ""))
+            line = (
+                f"M=1, 8192×28672, for context: a kernel that only streams these weights reads "
+                f"{read_bw / 1e12:.2f} TB/s; qconv reads {q_bw / 1e12:.2f} ({100 * q_bw / read_bw:.0f} % of that)"
+            )
+            if tg:
+                line += (
+                    f", tinygemm {tg_bw / 1e12:.2f} ({100 * tg_bw / read_bw:.0f} %); 1.2× tinygemm means "
+                    f"{need / 1e12:.2f} TB/s ({100 * need / read_bw:.0f} %)"
+                )
+            out.append(line)
     for m, goal in ((16, 2.5), (128, 1.0), (512, 0.9)):
         sp = [by[s + (m,)]["bf16_us"] / by[s + (m,)]["qconv_us"] for s in SHAPES if s + (m,) in by]
         if sp:
@@ -261,8 +268,7 @@ def main() -> None:
     t0 = time.time()
     bw = copy_bandwidth()
     read_bw = read_bandwidth()
-    log(f"machine: {machine()}; device-to-device copy {bw / 1e12:.2f} TB/s; read-only streaming "
-        f"{read_bw / 1e12:.2f} TB/s")
+    log(f"machine: {machine()}; copy {bw / 1e12:.2f} TB/s; read-only streaming {read_bw / 1e12:.2f} TB/s")
     gen = torch.Generator().manual_seed(0)
     rows = []
     for k, n in shapes:
