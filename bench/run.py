@@ -483,7 +483,10 @@ def suite_llmcompressor(out: Path, chunks: int) -> str:
             "≤ 0.5×. Both tools load the bf16 model in float32 on this CPU (llm-compressor in bf16 here ran over 30 "
             "min for GPTQ alone); qconv's second row runs the matmuls and attention of its calibration passes in bf16 "
             "under autocast, activations and statistics in float32 (`--compute-dtype bfloat16-mixed`: this CPU has "
-            "AVX512-BF16).",
+            "AVX512-BF16)."
+            " CPU workaround for llm-compressor's AWQ: it pins its activation cache, which raises \"Cannot access "
+            'accelerator device" without a GPU, so bench/llmc_anchor.py makes `Tensor.pin_memory` a no-op there '
+            "(pinning only speeds host→GPU copies).",
             "",
             "| method | tool | wall s | peak RSS MiB | ppl | mean KLD | top-1 |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
