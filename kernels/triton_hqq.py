@@ -97,9 +97,8 @@ def dequant_triton(
     if out.numel() == 0:
         return out
     packing = PACKING[nbits]
-    chunks, width, top = (1, 8, 0) if packing == "8bit_u8" else (*_CHUNKS[packing], 0)
-    if packing != "8bit_u8":
-        top = 32 - 2 - width if packing == "3bit_32" else 8 - width  # bit position of chunk 0, as HQQ packs
+    chunks, width = _CHUNKS.get(packing, (1, 8))  # 8bit_u8: one code per byte
+    top = 32 - 2 - width if packing == "3bit_32" else 8 - width  # bit position of chunk 0, as HQQ packs
     w_q = W_q.contiguous()
     if cols < block_k:
         # grouped rows shorter than the tile (axis 1: cols = group size, often 64): narrower, taller tiles of the

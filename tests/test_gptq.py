@@ -204,6 +204,9 @@ def test_compute_dtype_is_a_setting(cli, tokenizer_files, tmp_path):
     assert any(not torch.equal(b[k], m[k]) for k in a if k.endswith("weight_packed"))
     r = cli("quantize", model, "--out", tmp_path / "bad", "--compute-dtype", "int8", *args)
     assert r.code == 2 and "compute-dtype" in r.stderr
+    # eval's --dtype takes the plain dtypes only, and its error names its own option
+    r = cli("eval", outs["float32"], "--base", model, "--dtype", "bfloat16-mixed", "-q")
+    assert r.code == 2 and "--dtype bfloat16-mixed" in r.stderr and "or float16" in r.stderr
 
 
 def test_wide_hessians_factor_in_float32(monkeypatch):

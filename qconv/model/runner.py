@@ -39,19 +39,25 @@ def compute_mode(device: torch.device, name: str = "auto") -> tuple[torch.dtype,
     residual stream in bf16 through every layer."""
     if name == MIXED:
         return torch.float32, torch.bfloat16
-    return compute_dtype(device, name), None
+    return compute_dtype(device, name, option="--compute-dtype", also=(MIXED,)), None
 
 
-def compute_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def compute_dtype(
+    device: torch.device, name: str = "auto", option: str = "--dtype", also: tuple[str, ...] = ()
+) -> torch.dtype:
     """float32 on CPU; bfloat16 on GPUs unless asked (``name``: auto, float32, bfloat16, float16).
 
-    CPU kernels are fastest and exact in float32; on GPU bf16 halves activation memory for large models."""
+    CPU kernels are fastest and exact in float32; on GPU bf16 halves activation memory for large models.
+    ``option``/``also``: the command-line option the name came from and its other accepted values (for the error)."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise InputError(f"--compute-dtype {name}: choose auto, float32, bfloat16, float16 or {MIXED}")
-    return table[name]
+    if name not in _DTYPES:
+        *head, tail = ["auto", *_DTYPES, *also]
+        raise InputError(f"{option} {name}: choose {', '.join(head)} or {tail}")
+    return _DTYPES[name]
 
 
 def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
