@@ -355,43 +355,55 @@ def test_q3_k_without_importance_weighs_large_weights(data: dict, monkeypatch) -
                                                  dataclasses.astuple(with_imp), strict=True))  # fmt: skip
 
 
-@pytest.mark.parametrize("lo,hi", [(-8, 7), (-4, 3), (-16, 15)])
+@pytest.mark.parametrize("grid", ["-8..7", "-4..3", "-16..15", "iq4"])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_exact_scale_beats_any_scale(lo: int, hi: int, weighted: bool) -> None:
+def test_exact_scale_beats_any_scale(grid: str, weighted: bool) -> None:
     """``_exact_inv_scale`` finds the best set of nearest levels: with its least-squares scale, no inverse scale of a
-    fine scan over both signs does better on any block (heavy-tailed blocks, skewed importance, a zero block)."""
+    fine scan over both signs does better on any block (heavy-tailed blocks, skewed importance, a zero block, a
+    constant one), on uniform grids and the IQ4 codebook. ``_fit_sym`` runs it on the blocks whose importance is
+    concentrated (and there ends at the optimum), never ending worse than without it."""
     g = _gen(11)
     n, nb = 32, 64
     x = torch.randn(n, nb, generator=g) / torch.rand(n, nb, generator=g).clamp_min(0.05)
     x[:, 0] = 0.0
     x[:, 1] = 0.25  # constant
     w = torch.randn(n, nb, generator=g).mul(2).exp() if weighted else None
-    lv = gg._Levels(0, hi - lo, zero=-lo)
+    if grid == "iq4":
+        lv = gg._LV_IQ4
+    else:
+        lo, hi = (int(v) for v in grid.replace("..", " ").split())
+        lv = gg._Levels(0, hi - lo, zero=-lo)
+    reach = max(abs(lv.lo), abs(lv.hi)) + 1
 
     def ls_err(t: torch.Tensor) -> torch.Tensor:
         """Error at the least-squares scale of the nearest levels of x·t, t [k, nb] -> [k, nb] (float64)."""
-        v = (x.double() * t[:, None]).round().clamp(lo, hi)
+        v = gg._levels_of((x * t[:, None]).float(), lv).double()
+        xd = x.double()
         ww = torch.ones_like(v) if w is None else w.double().expand_as(v)
-        sxv, svv = (ww * x.double() * v).sum(1), (ww * v * v).sum(1)
-        c = (ww * x.double() ** 2).sum(1)
+        sxv, svv = (ww * xd * v).sum(1), (ww * v * v).sum(1)
+        c = (ww * xd**2).sum(1)
         return c - torch.where(svv > 0, sxv**2 / svv.clamp_min(1e-300), 0.0)
 
     t_exact = gg._exact_inv_scale(x, w, lv)
-    amin = x.abs().where(x != 0, torch.inf).amin(0).clamp(max=1e3).double()
-    scan = torch.linspace(-1, 1, 40001, dtype=torch.float64)[:, None] * ((hi + 1) / amin)  # past every step
-    best_scan = ls_err(scan).amin(0)
-    got = ls_err(t_exact.double()[None])[0]
+    amin = x.abs().where(x != 0, torch.inf).amin(0).clamp(max=1e3)
+    scan = torch.linspace(-1, 1, 40001)[:, None] * (reach / amin)  # past every step
+    best_scan = torch.cat([ls_err(part).amin(0, keepdim=True) for part in scan.split(4000)]).amin(0)
+    got = ls_err(t_exact[None])[0]
     assert bool((got <= best_scan + 1e-9 * best_scan.abs().clamp_min(1.0)).all())
     # and _fit_sym with it never ends worse than without it
     ws = gg._Ws()
     x3, w3 = x[:, None, :], None if w is None else w[:, None, :]
-    for cands in ((), gg._span(5, -1.0, 2.0)):
-        s_plain, _ = gg._fit_sym(x3, w3, lv, cands or (0.0,), 1, ws)
+    for cands in ((0.0,), gg._span(5, -1.0, 2.0)):
+        s_plain, _ = gg._fit_sym(x3, w3, lv, cands, 1, ws)
         s_exact, _ = gg._fit_sym(x3, w3, lv, cands, 1, ws, exact=True)
 
         def err(s: torch.Tensor) -> torch.Tensor:
-            v = (x3 * gg._safe_inv(s)).round().clamp(lo, hi)
-            r = x3 - v * s
+            r = x3 - gg._levels_of(x3 * gg._safe_inv(s), lv) * s
             return (r * r * (1.0 if w3 is None else w3)).sum(0)
 
         assert bool((err(s_exact) <= err(s_plain) * (1 + 1e-5) + 1e-12).all())
+        if w is not None:  # blocks whose importance is concentrated end at (or below) the scan's optimum
+            conc = w.amax(0) >= gg._EXACT_CONCENTRATION * w.mean(0)
+            assert int(conc.sum()) >= nb // 4
+            e = err(s_exact)[0].double()
+            assert bool((e <= best_scan * (1 + 1e-5) + 1e-9)[conc].all())
