@@ -323,7 +323,7 @@ class _Cfg:
 # on SmolLM2 with a WikiText-2 imatrix, ≥ 8 picks 24 % of Q4_0 blocks holding 94 % of the search's gain and 4.5 % of
 # Q3_K sub-blocks holding 99 % (elsewhere the trials and Lloyd steps already come within ~0.2 % of the optimum).
 _EXACT_CONCENTRATION = 8.0
-_EXACT_ENTRIES = 1 << 21  # breakpoints sorted at once by _exact_inv_scale (~40 MB of temporaries)
+_EXACT_ENTRIES = 1 << 21  # breakpoints sorted at once by _exact_inv_scale (~100 MB of temporaries)
 
 
 def _pick_interval(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -465,13 +465,13 @@ def _fit_sym(
         # Only (sub-)blocks whose importance sits in a few columns gain from it, so only they pay for its sort.
         flat_w = w.reshape(w.shape[0], -1)
         sel = (flat_w.amax(0) >= _EXACT_CONCENTRATION * flat_w.mean(0)).nonzero().squeeze(1)
-        iscale = best.payload[0].clone()
         if sel.numel():
+            iscale = best.payload[0].clone()
             iscale.view(-1)[sel] = _exact_inv_scale(x.reshape(x.shape[0], -1)[:, sel], flat_w[:, sel], lv)
-        v = _levels_into(x, iscale, lv, buf)
-        sxv = torch.mul(wx, v, out=prod).sum(0)
-        svv = _wdot(w, v, v, out=prod)
-        best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
+            v = _levels_into(x, iscale, lv, buf)
+            sxv = torch.mul(wx, v, out=prod).sum(0)
+            svv = _wdot(w, v, v, out=prod)
+            best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
     inv_s = best.payload[0]
     s = torch.zeros_like(inv_s)
     svv = s
@@ -919,8 +919,8 @@ _CFG_FAST: dict[GGMLType, _Cfg] = {
 # With importance, the symmetric grids of at most 16 levels also take stage 1's exact optimum (_exact_inv_scale).
 # Measured on SmolLM2's tensors with a WikiText-2 imatrix: weighted error −10 % for Q3_K, −2 % for Q4_0 (−38 % and
 # −10 % on single tensors whose importance sits in a few columns), −0.7 % / −1 % for IQ4_NL / IQ4_XS; KLD of the Q2_K
-# mix −4.3 %, of Q4_0 −3.3 % (H100 gguf suite). Without importance it gains 0.2 % for 10–30× the fitting time; on the
-# wider grids (Q5_0, Q6_K, Q8_0) the sort grows with the level count.
+# mix −3.4 %, of Q4_0 −3.2 % (BENCHMARKS.md, gguf suite). Without importance it gains 0.2 % for 10–30× the fitting
+# time; on the wider grids (Q5_0, Q6_K, Q8_0) the sort grows with the level count.
 _CFG_IMP: dict[GGMLType, _Cfg] = {
     **_CFG,
     **{
