@@ -384,7 +384,7 @@ def test_exact_scale_beats_any_scale(grid: str, weighted: bool) -> None:
         c = (ww * xd**2).sum(1)
         return c - torch.where(svv > 0, sxv**2 / svv.clamp_min(1e-300), 0.0)
 
-    t_exact = gg._exact_inv_scale(x, w, lv)
+    t_exact = gg._exact_inv_scale(x, torch.ones_like(x) if w is None else w, lv)
     amin = x.abs().where(x != 0, torch.inf).amin(0).clamp(max=1e3)
     scan = torch.linspace(-1, 1, 40001)[:, None] * (reach / amin)  # past every step
     best_scan = torch.cat([ls_err(part).amin(0, keepdim=True) for part in scan.split(4000)]).amin(0)

@@ -326,11 +326,15 @@ _EXACT_CONCENTRATION = 8.0
 _EXACT_ENTRIES = 1 << 21  # breakpoints sorted at once by _exact_inv_scale (~100 MB of temporaries)
 
 
-def _pick_interval(t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _pick_interval(
+    t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, live: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best prefix of sorted steps: t [m, k] step positions (ascending, inf = none), a, b [m, k] float64 running
-    Σw x v and Σw v² after each step, live [m, k] the steps that exist. -> ((Σw x v)²/Σw v² [m] float64 (−1 where no
-    step exists), a point strictly inside the winning interval [m]: halfway to the next step, or past the last one)."""
-    val = torch.where(torch.isfinite(t) & live, a.square_().div_(b.clamp_(min=1e-300)), -1.0)
+    Σw x v and Σw v² after each step, live [m, k] the steps that exist (None: all). -> ((Σw x v)²/Σw v² [m] float64
+    (−1 where no step exists), a point strictly inside the winning interval [m]: halfway to the next step, or past
+    the last one)."""
+    ok = torch.isfinite(t) if live is None else torch.isfinite(t) & live
+    val = torch.where(ok, a.square_().div_(b.clamp_(min=1e-300)), -1.0)
     v, j = val.max(dim=1)
     t_j = t.gather(1, j[:, None]).squeeze(1)
     t_n = t.gather(1, (j + 1).clamp(max=t.shape[1] - 1)[:, None]).squeeze(1)
@@ -349,10 +353,10 @@ def _codebook_steps(codebook: tuple[int, ...]) -> tuple[float, tuple[tuple[float
     return float(c[z]), (up, down)
 
 
-def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor | None, lv: _Levels) -> torch.Tensor:
+def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor, lv: _Levels) -> torch.Tensor:
     """The inverse scale whose nearest levels give the least weighted error, exactly.
 
-    x float32 [n, ...]; w like x or None. Returns the inverse scale [...] (a point inside the winning interval).
+    x, w float32 [n, ...]. Returns the inverse scale [...] (a point inside the winning interval).
 
     For codes v fixed, the least-squares scale leaves Σw x² − (Σw x v)² / Σw v². As the inverse scale t grows from 0,
     element i's nearest level moves away from 0 one step at a time, at t = (k + ½)/|x_i| for k = 0, 1, … until it
@@ -365,8 +369,7 @@ def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor | None, lv: _Levels) -> to
     """
     n = x.shape[0]
     rest = x.shape[1:]
-    xt = x.reshape(n, -1).T
-    wt = None if w is None else w.reshape(n, -1).T
+    xt, wt = x.reshape(n, -1).T, w.reshape(n, -1).T
     m_all = xt.shape[0]
     out = torch.zeros(m_all, dtype=x.dtype, device=x.device)
     if lv.codebook is None:
@@ -379,8 +382,7 @@ def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor | None, lv: _Levels) -> to
     step = max(1, _EXACT_ENTRIES // (n * k_max))
     k = torch.arange(k_max, dtype=x.dtype, device=x.device)
     for m0 in range(0, m_all, step):
-        xs = xt[m0 : m0 + step]
-        ws_ = None if wt is None else wt[m0 : m0 + step]
+        xs, ws_ = xt[m0 : m0 + step], wt[m0 : m0 + step]
         m = xs.shape[0]
         ax = xs.abs()
         best_val = torch.full((m,), -1.0, dtype=torch.float64, device=x.device)
@@ -390,14 +392,12 @@ def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor | None, lv: _Levels) -> to
             # stops at hi on the side of the scale's sign, at |lo| on the other), and a missing step adds nothing.
             t = torch.where(ax[..., None] > 0, (k + 0.5) / ax.clamp(min=1e-30)[..., None], torch.inf).reshape(m, -1)
             t, order = t.sort(dim=1)
-            a_step = ax if ws_ is None else ax * ws_  # Σw x v gained per step
-            a_step = a_step[..., None].expand(m, n, k_max).reshape(m, -1).gather(1, order).double()
-            kk = k.expand(m, n, k_max).reshape(m, -1).gather(1, order)
-            b_step = 2 * kk + 1  # Σw v² gained per step
-            if ws_ is not None:
-                b_step.mul_(ws_[..., None].expand(m, n, k_max).reshape(m, -1).gather(1, order))
-            b_step = b_step.double()
-            pos = (xs > 0)[..., None].expand(m, n, k_max).reshape(m, -1).gather(1, order)
+            elem = order // k_max  # the element of each sorted step, and its step number
+            kk = (order - elem * k_max).to(x.dtype)
+            w_s = ws_.gather(1, elem)
+            a_step = (ax * ws_).gather(1, elem).double()  # Σw x v gained per step
+            b_step = (2 * kk + 1).mul_(w_s).double()  # Σw v² gained per step
+            pos = (xs > 0).gather(1, elem)
             for sign in (1.0, -1.0):
                 up, down = (lv.hi, -lv.lo) if sign > 0 else (-lv.lo, lv.hi)
                 live = kk < torch.where(pos, float(up), float(down))
@@ -409,19 +409,19 @@ def _exact_inv_scale(x: torch.Tensor, w: torch.Tensor | None, lv: _Levels) -> to
                 best_val = torch.where(take, v, best_val)
                 best_t = torch.where(take, t_mid * sign, best_t)
         else:
-            wsum = ax.new_full((m,), float(n), dtype=torch.float64) if ws_ is None else ws_.sum(1).double()
+            wsum = ws_.sum(1).double()
             for sign in (1.0, -1.0):
                 # the side an element climbs depends on the sign of x·t: a separate sort per sign
                 side = (sign * xs <= 0).long()  # 0: up, 1: down
                 tab = tables[side]  # [m, n, k_max, 3]
                 t = (tab[..., 0] / ax.clamp(min=1e-30)[..., None]).masked_fill_((ax == 0)[..., None], torch.inf)
                 t, order = t.reshape(m, -1).sort(dim=1)
-                a_step = tab[..., 1] * (ax if ws_ is None else ax * ws_)[..., None]
-                b_step = tab[..., 2] if ws_ is None else tab[..., 2] * ws_[..., None]
-                a0 = c0 * (sign * (xs if ws_ is None else xs * ws_)).sum(1).double()
+                a_step = tab[..., 1] * (ax * ws_)[..., None]
+                b_step = tab[..., 2] * ws_[..., None]
+                a0 = c0 * (sign * xs * ws_).sum(1).double()
                 a = a_step.reshape(m, -1).gather(1, order).double().cumsum_(1).add_(a0[:, None])
                 b = b_step.reshape(m, -1).gather(1, order).double().cumsum_(1).add_((c0 * c0 * wsum)[:, None])
-                v, t_mid = _pick_interval(t, a, b, torch.ones_like(t, dtype=torch.bool))
+                v, t_mid = _pick_interval(t, a, b)
                 take = v > best_val
                 best_val = torch.where(take, v, best_val)
                 best_t = torch.where(take, t_mid * sign, best_t)
