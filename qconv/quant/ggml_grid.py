@@ -454,15 +454,18 @@ def _fit_sym(
     mx = torch.where(hi >= -lo, hi, lo)
     inv_mx = _safe_inv(mx)
     best = _Best()
+
+    def trial(iscale: torch.Tensor) -> None:
+        v = _levels_into(x, iscale, lv, buf)
+        sxv = torch.mul(wx, v, out=prod).sum(0)
+        svv = _wdot(w, v, v, out=prod)
+        # Σw x² − (Σw x v)² / Σw v² is the error at the best scale for these codes: maximise the subtracted term.
+        # (Σw v² = 0 only when every v is 0, and then Σw x v = 0 as well.)
+        best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
+
     for anchor, step in lv.anchors():
         for t in cands:
-            iscale = (anchor + t * step) * inv_mx
-            v = _levels_into(x, iscale, lv, buf)
-            sxv = torch.mul(wx, v, out=prod).sum(0)
-            svv = _wdot(w, v, v, out=prod)
-            # Σw x² − (Σw x v)² / Σw v² is the error at the best scale for these codes: maximise the subtracted term.
-            # (Σw v² = 0 only when every v is 0, and then Σw x v = 0 as well.)
-            best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
+            trial((anchor + t * step) * inv_mx)
     if exact and w is not None:
         # Only (sub-)blocks whose importance sits in a few columns gain from it, so only they pay for its sort.
         flat_w = w.reshape(w.shape[0], -1)
@@ -470,10 +473,7 @@ def _fit_sym(
         if sel.numel():
             iscale = best.payload[0].clone()
             iscale.view(-1)[sel] = _exact_inv_scale(x.reshape(x.shape[0], -1)[:, sel], flat_w[:, sel], lv)
-            v = _levels_into(x, iscale, lv, buf)
-            sxv = torch.mul(wx, v, out=prod).sum(0)
-            svv = _wdot(w, v, v, out=prod)
-            best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
+            trial(iscale)
     inv_s = best.payload[0]
     s = torch.zeros_like(inv_s)
     svv = s
