@@ -332,27 +332,69 @@ def test_effort_auto_and_bad_name() -> None:
         gg.fit(w, T.Q4_K, effort="slow")
 
 
-def test_q3_k_weighs_large_weights(data: dict, monkeypatch) -> None:
-    """Q3_K fits under (1 + w²/σ²)^½ per element without an imatrix and under importance·(1 + w²/σ²)^⅛ with one (σ²
-    the super-block's mean square): the fields are the better ones under that weighting, a plain fit's under the
-    plain (or plain importance-weighted) error."""
+def test_surrogate_weights(data: dict, monkeypatch) -> None:
+    """Q3_K fits under (1 + w²/σ²)^½ per element without an imatrix and under importance·(1 + w²/σ²)^⅛ with one;
+    Q4_0 on the value path under importance·(1 + w²/σ²)^−⅛ (σ² the block's mean square): the fields are the better
+    ones under that weighting, a plain fit's under the plain (or plain importance-weighted) error. Q4_0 elsewhere, or
+    without importance, is the plain fit."""
     w = _get(data, "real")
     n = w.shape[1]
-    blocks = w.double().reshape(-1, gb.BLOCK_SIZE[T.Q3_K]).square()
-    ratio = (1 + blocks / blocks.mean(1, keepdim=True)).reshape(w.shape)
     imp = _importance()
     imp_w = (imp / imp.mean() + 1e-6).double()
+
+    def ratio(t: T) -> torch.Tensor:
+        blocks = w.double().reshape(-1, gb.BLOCK_SIZE[t]).square()
+        return (1 + blocks / blocks.mean(1, keepdim=True)).reshape(w.shape)
 
     def err(f, weight):
         return float(((gg.dequantize(f, n).double() - w.double()).square() * weight).sum())
 
-    ours, ours_imp = gg.fit(w, T.Q3_K), gg.fit(w, T.Q3_K, imp)
-    monkeypatch.setattr(gg, "SURROGATE_TYPES", frozenset())
-    plain, plain_imp = gg.fit(w, T.Q3_K), gg.fit(w, T.Q3_K, imp)
-    assert err(ours, ratio.sqrt()) < err(plain, ratio.sqrt())
-    assert err(plain, 1.0) < err(ours, 1.0)
-    assert err(ours_imp, imp_w * ratio**0.125) < err(plain_imp, imp_w * ratio**0.125)
-    assert err(plain_imp, imp_w) < err(ours_imp, imp_w)
+    cases = [(T.Q3_K, False, False), (T.Q3_K, True, False), (T.Q4_0, True, True)]
+    same = [(T.Q4_0, True, False), (T.Q4_0, False, True)]
+    fits = {c: gg.fit(w, c[0], imp if c[1] else None, value_path=c[2]) for c in cases + same}
+    assert gg.SURROGATE_POWER == {T.Q3_K: 0.5}
+    assert gg.SURROGATE_POWER_IMP == {T.Q3_K: 0.125}
+    assert gg.VALUE_PATH_POWER_IMP == {T.Q4_0: -0.125}
+    for attr in ("SURROGATE_POWER", "SURROGATE_POWER_IMP", "VALUE_PATH_POWER_IMP"):
+        monkeypatch.setattr(gg, attr, {})
+    plain = {c: gg.fit(w, c[0], imp if c[1] else None) for c in fits}
+    for c, power in zip(cases, (0.5, 0.125, -0.125), strict=True):
+        base = imp_w if c[1] else 1.0
+        ours, ref = fits[c], plain[c]
+        assert err(ours, base * ratio(c[0]) ** power) < err(ref, base * ratio(c[0]) ** power), c
+        assert err(ref, base) < err(ours, base), c
+    for c in same:
+        assert torch.equal(gb.pack(fits[c]), gb.pack(plain[c])), c
+
+
+def test_rtn_value_path(data: dict) -> None:
+    """RTN passes the attention's v and o projections to the fit as the value path, and no other linear."""
+    from qconv.methods.base import MethodOptions
+    from qconv.methods.rtn import RTN
+    from qconv.model.arch import ADAPTERS, VALUE_PATH
+    from qconv.quant.tensor import GGMLGrid
+
+    w = _get(data, "real")
+    imp = _importance()
+    linears = ADAPTERS[0].linears
+    assert VALUE_PATH < set(linears)
+
+    class Ctx:
+        prefix = "model.layers.0."
+        collect = None
+
+        def __init__(self):
+            self.linears = list(linears)
+            self.grids = {n: GGMLGrid(int(T.Q4_0)) for n in linears}
+
+        def weight(self, n):
+            return w
+
+    out = RTN(MethodOptions(extra={"importance": {f"model.layers.0.{n}": imp for n in linears}})).quantize_layer(Ctx())
+    for n in linears:
+        want = gg.fit(w, T.Q4_0, imp, value_path=n in VALUE_PATH)
+        assert torch.equal(gb.pack(out[n].fields), gb.pack(want)), n
+    assert not torch.equal(gb.pack(out["self_attn.v_proj"].fields), gb.pack(out["self_attn.q_proj"].fields))
 
 
 @pytest.mark.parametrize("grid", ["-8..7", "-4..3", "-16..15", "iq4"])

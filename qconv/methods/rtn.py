@@ -5,23 +5,31 @@ from __future__ import annotations
 import torch
 
 from qconv.methods.base import LayerContext, Method, rtn_fallback
+from qconv.model.arch import VALUE_PATH
 from qconv.quant import ggml_grid
 from qconv.quant.int_grid import quantize_weight
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid, Grid, IntGrid, Quantized, with_block_error_stats
 
 
-def rtn(w: torch.Tensor, grid: Grid, clip: str = "minmax", importance: torch.Tensor | None = None) -> Quantized:
+def rtn(
+    w: torch.Tensor,
+    grid: Grid,
+    clip: str = "minmax",
+    importance: torch.Tensor | None = None,
+    value_path: bool = False,
+) -> Quantized:
     """Quantize one weight [out, in] onto ``grid`` by rounding to nearest.
 
     Integer grids: scale/zero from each group's range, or with ``clip="mse"`` a searched clipping range.
     GGML grids: llama.cpp's formats with a least-squares search of every (sub-)block's scale and min
     (qconv.quant.ggml_grid.fit). ``importance`` (float [in], e.g. calibration mean x² or an imatrix) weights the
-    squared error per input column in both.
+    squared error per input column in both. ``value_path``: w is an attention v or o projection (GGML grids weigh
+    its elements differently, see ggml_grid.fit).
     """
     if isinstance(grid, IntGrid):
         return quantize_weight(w, grid, clip=clip, importance=importance)
     if isinstance(grid, GGMLGrid):
-        fields = ggml_grid.fit(w, grid.ggml_type, importance, grid.effort)
+        fields = ggml_grid.fit(w, grid.ggml_type, importance, grid.effort, value_path)
         return with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, importance)
     raise TypeError(f"RTN cannot quantize onto {grid!r}")
 
@@ -56,7 +64,7 @@ class RTN(Method):
     def quantize_layer(self, ctx: LayerContext) -> dict[str, Quantized]:
         self.starved: set[str] = set()
         imp = self.importance(ctx)
-        out = {n: rtn(ctx.weight(n), ctx.grids[n], self.options.clip, imp.get(n)) for n in ctx.linears}
+        out = {n: rtn(ctx.weight(n), ctx.grids[n], self.options.clip, imp.get(n), n in VALUE_PATH) for n in ctx.linears}
         for n in self.starved:
             rtn_fallback(out[n])
         return out

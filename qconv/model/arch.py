@@ -78,6 +78,10 @@ _ATTN_MLP = (
     LinearGroup(("mlp.down_proj",), "mlp.up_proj"),
 )
 
+# The attention's value path (every adapter's attention has these names): v's output reaches the residual stream
+# only through attention's averaging and o. Quantizers may treat it differently (qconv.quant.ggml_grid.fit).
+VALUE_PATH: frozenset[str] = frozenset({"self_attn.v_proj", "self_attn.o_proj"})
+
 ADAPTERS: tuple[ArchAdapter, ...] = (
     ArchAdapter("llama", ("llama",), _ATTN_MLP),
     ArchAdapter("mistral", ("mistral",), _ATTN_MLP),

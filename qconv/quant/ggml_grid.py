@@ -8,12 +8,15 @@ For every supported type T (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K
       Σ importance[col] · (w − dequant)²        (plain Σ (w − dequant)² when importance is None),
 
   ``importance`` being llama.cpp's imatrix for the tensor (mean x² of the activations feeding each input column).
-  Without importance, the types in ``SURROGATE_TYPES`` (Q3_K) weigh each element by sqrt(σ² + w²), σ² the
-  super-block's mean square: measured on SmolLM2 (KLD against the model, WikiText-2, H100), this lowers llama.cpp's
-  Q2_K mix (Q3_K ffn_down) from 1.000× to 0.931× of llama-quantize's KLD, where plain squared error ties it; the same
-  weighting raised Q4_K–Q6_K mixes' KLD by 1–9 %, and Q4_0's plain error must stay below gguf-py's, so they keep it.
-  With importance they weigh each element by importance·(1 + w²/σ²)^⅛ (``_SURROGATE_POWER_IMP``): the imatrix Q2_K
-  mix's KLD drops 4–5 % (H100 gguf suite: 0.840× → 0.804× of llama-quantize's).
+  Some types weigh each element further by (1 + w²/σ²)^p, σ² the (super-)block's mean square (``SURROGATE_POWER``
+  without importance, ``SURROGATE_POWER_IMP`` beside it). Without importance Q3_K takes p = ½ (sqrt(σ² + w²)):
+  measured on SmolLM2 (KLD against the model, WikiText-2, H100), this lowers llama.cpp's Q2_K mix (Q3_K ffn_down)
+  from 1.000× to 0.931× of llama-quantize's KLD, where plain squared error ties it; the same weighting raised Q4_K–Q6_K
+  mixes' KLD by 1–9 %, and Q4_0's plain error must stay below gguf-py's, so they keep it. With importance Q3_K takes
+  p = ⅛, and Q4_0 p = −⅛ on the attention's value path (``VALUE_PATH_POWER_IMP``, ``fit(value_path=True)``: there its
+  large weights count a little *less* than the imatrix says): the imatrix Q2_K mix's KLD drops 4–5 % for the first
+  (H100 gguf suite: 0.840× → 0.804× of llama-quantize's) and 2–3 % more for the second (CPU, WikiText-2 test and
+  validation); the scans are beside the tables.
 * Fixed scales, new codes (GPTQ's error-feedback loop): ``requantize(w, fields)`` keeps the fields' scales and mins
   and picks the nearest codes for new weights; ``nearest_codes(w_cols, fields, col_start)`` does the same for any
   column range (block-aligned or not), ``column_values`` dequantizes such codes bit-exactly, ``element_grid`` gives
@@ -931,13 +934,24 @@ _CFG_IMP: dict[GGMLType, _Cfg] = {
     },
 }
 EFFORTS = ("best", "fast", "auto")
-# Types fitted under per-element weights (1 + w²/σ²)^½ without importance, importance·(1 + w²/σ²)^⅛ with it (see the
-# module docstring).
-SURROGATE_TYPES: frozenset[GGMLType] = frozenset({GGMLType.Q3_K})
-# With an imatrix, SmolLM2's Q2_K mix (Q3_K ffn_down), KLD on WikiText-2 test, 25 chunks, by power: 0 → 0.2819,
-# 1/100 → 0.2812, 1/8 → 0.2689, 1/4 → 0.2694, 1/2 → 0.2737, 1 → 0.2798 (validation text: 0 → 0.2509, 1/8 → 0.2395,
-# 1/4 → 0.2425); llama-quantize 0.3237. Applied to Q4_0 too it raised the mix's KLD (1/4: +1 %, 1/2: +5 %).
-_SURROGATE_POWER_IMP = 0.125
+# Types fitted under per-element weights (1 + w²/σ²)^p (σ² the (super-)block's mean square): p without importance,
+# p beside the importance, and p beside the importance for the attention's value path (``fit(value_path=True)``: the
+# v and o projections), see the module docstring. Measured on SmolLM2's Q2_K mix with an imatrix (Q4_0 for every
+# 576-wide tensor, Q3_K ffn_down), KLD on WikiText-2 test / validation, 25 chunks, CPU; llama-quantize on the same
+# file and imatrix: 0.3237 / 0.3053.
+# - Q3_K, by p (Q4_0 at 0): test 0 → 0.2819, 1/100 → 0.2812, 1/8 → 0.2689, 1/4 → 0.2694, 1/2 → 0.2737, 1 → 0.2798;
+#   validation 0 → 0.2509, 1/8 → 0.2395, 1/4 → 0.2425. The importance raised to 0.85 or 1.15 beside p = 1/8: worse on
+#   both texts (0.2746 / 0.2442 and 0.2777 / 0.2448).
+# - Q4_0 (Q3_K at 1/8: 0.2689 / 0.2395), p on every Q4_0 tensor: 1/2 → +5 % (test), 1/4 → +1 % (test), 1/16 →
+#   0.2665 / 0.2427, −1/8 → 0.2620 / 0.2385, −1/4 → 0.2624 / 0.2393; but −1/8 raised the Q3_K_M mix's KLD (whose Q4_0
+#   tensors are attn_q/k and ffn_gate/up) by 2.0 % / 1.5 %. By tensor, −1/8: on attn_q/k + ffn_gate/up only 0.2699 /
+#   0.2431 (worse), on attn_output only 0.2678 / 0.2386, on attn_v only 0.2626 / 0.2355, on both 0.2612 / 0.2345
+#   (−2.9 % / −2.1 %). So only the value path takes it: there a block's large weights count a little *less* than
+#   the importance alone says (at most ×0.65, for a lone outlier), and the scale clips them more in favour of the bulk;
+#   llama.cpp's importance·sqrt(σ² + w²) goes the other way (the +1/2 row).
+SURROGATE_POWER: dict[GGMLType, float] = {GGMLType.Q3_K: 0.5}
+SURROGATE_POWER_IMP: dict[GGMLType, float] = {GGMLType.Q3_K: 0.125}
+VALUE_PATH_POWER_IMP: dict[GGMLType, float] = {GGMLType.Q4_0: -0.125}
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -1066,7 +1080,13 @@ def _concat_fields(parts: list[BlockFields]) -> BlockFields:
 
 
 @torch.no_grad()
-def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None, effort: str = "best") -> BlockFields:
+def fit(
+    w: torch.Tensor,
+    ggml_type: int,
+    importance: torch.Tensor | None = None,
+    effort: str = "best",
+    value_path: bool = False,
+) -> BlockFields:
     """Choose every field of a GGML tensor of type ``ggml_type`` for the weights ``w``.
 
     w: float [rows, n] (any float dtype, any device; computed in float32), n a multiple of BLOCK_SIZE[type].
@@ -1074,7 +1094,9 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None,
     Returns the type's ``<T>Fields`` for ``rows * n / BLOCK_SIZE`` blocks in row-major order (block b covers row
     ``b // (n / BLOCK_SIZE)``, columns from ``(b % (n / BLOCK_SIZE)) * BLOCK_SIZE``), on ``w.device``. The fields
     (heuristically) minimise Σ importance[col]·(w − dequant)², or Σ (w − dequant)² without importance (weighted by
-    (1 + w²/σ²)^½ per element for ``SURROGATE_TYPES``, or by (1 + w²/σ²)^⅛ beside the importance).
+    (1 + w²/σ²)^p per element for the types in ``SURROGATE_POWER`` / ``SURROGATE_POWER_IMP``).
+    value_path: w is on the attention's value path (a v or o projection): with importance, the types in
+    ``VALUE_PATH_POWER_IMP`` take that power.
     effort: "best" (the full search), "fast" (about a third of the trials, still below llama.cpp's error), "auto"
     (best with importance weights, fast without).
     Raises ValueError for a bad shape, a non-finite weight, or a bad importance vector; NotImplementedError for a type
@@ -1122,15 +1144,21 @@ def fit(w: torch.Tensor, ggml_type: int, importance: torch.Tensor | None = None,
         # product below float32's range without changing what can be represented.
         xt.clamp_(-_X_MAX, _X_MAX)
         wt = None
-        if t in SURROGATE_TYPES:
+        if wrow is None:
+            power = SURROGATE_POWER.get(t)
+        else:
+            power = (VALUE_PATH_POWER_IMP if value_path else {}).get(t, SURROGATE_POWER_IMP.get(t))
+        if power is not None:
             # (1 + w²/σ²)^p: σ² per (super-)block, which fits independently, so weights never underflow; the layout's
             # first two dims are a block's elements
             wt = torch.square(xt, out=ws.empty("w", shape, x.device))
             wt.div_(wt.mean(dim=(0, 1), keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)).add_(1.0)
-            if wrow is None:
+            if power == 0.5:
                 wt.sqrt_()
             else:
-                wt.pow_(_SURROGATE_POWER_IMP).view(sub, n_sub, r, nbpr).mul_(wrow.unsqueeze(2))
+                wt.pow_(power)
+            if wrow is not None:
+                wt.view(sub, n_sub, r, nbpr).mul_(wrow.unsqueeze(2))
         elif wrow is not None:
             wt = ws.empty("w", shape, x.device)
             wt.view(sub, n_sub, r, nbpr).copy_(wrow.unsqueeze(2).expand(sub, n_sub, r, nbpr))
