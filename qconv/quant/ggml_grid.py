@@ -948,7 +948,8 @@ EFFORTS = ("best", "fast", "auto")
 #   0.2431 (worse), on attn_output only 0.2678 / 0.2386, on attn_v only 0.2626 / 0.2355, on both 0.2612 / 0.2345
 #   (−2.9 % / −2.1 %). So only the value path takes it: there a block's large weights count a little *less* than
 #   the importance alone says (at most ×0.65, for a lone outlier), and the scale clips them more in favour of the bulk;
-#   llama.cpp's importance·sqrt(σ² + w²) goes the other way (the +1/2 row).
+#   llama.cpp's importance·sqrt(σ² + w²) goes the other way (the +1/2 row). The same −1/8 for Q5_0 / Q5_1 on the
+#   value path (the Q3_K_M mix's attn_v and attn_output): 0.1215 / 0.1130 → 0.1215 / 0.1127, not worth a rule.
 SURROGATE_POWER: dict[GGMLType, float] = {GGMLType.Q3_K: 0.5}
 SURROGATE_POWER_IMP: dict[GGMLType, float] = {GGMLType.Q3_K: 0.125}
 VALUE_PATH_POWER_IMP: dict[GGMLType, float] = {GGMLType.Q4_0: -0.125}
@@ -1147,7 +1148,9 @@ def fit(
         if wrow is None:
             power = SURROGATE_POWER.get(t)
         else:
-            power = (VALUE_PATH_POWER_IMP if value_path else {}).get(t, SURROGATE_POWER_IMP.get(t))
+            power = SURROGATE_POWER_IMP.get(t)
+            if value_path:
+                power = VALUE_PATH_POWER_IMP.get(t, power)
         if power is not None:
             # (1 + w²/σ²)^p: σ² per (super-)block, which fits independently, so weights never underflow; the layout's
             # first two dims are a block's elements
