@@ -1156,10 +1156,7 @@ def fit(
             # first two dims are a block's elements
             wt = torch.square(xt, out=ws.empty("w", shape, x.device))
             wt.div_(wt.mean(dim=(0, 1), keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)).add_(1.0)
-            if power == 0.5:
-                wt.sqrt_()
-            else:
-                wt.pow_(power)
+            wt.pow_(power)
             if wrow is not None:
                 wt.view(sub, n_sub, r, nbpr).mul_(wrow.unsqueeze(2))
         elif wrow is not None:
