@@ -67,6 +67,10 @@ class FormatWriter(ABC):
     is_file: bool = False  # the output is one file (e.g. GGUF) rather than a folder
     supports_g_idx: bool = False  # the layout can store act-order column groups (g_idx)
     schemes: tuple[str, ...] = ("int",)  # grid families (Method.scheme) the format can store
+    # Every tensor lands at a place the plan fixes, so a resumed run can reopen the interrupted run's partial files
+    # (``resuming``) and ``adopt`` the finished layers' tensors instead of writing them again: its checkpoints then
+    # record names and statistics only, not a second copy of the quantized weights.
+    resumes_in_place: bool = False
     # Settings the writer's constructor takes as keywords, given as --opt KEY=VALUE (qconv.options).
     options: tuple = ()
 
@@ -77,6 +81,7 @@ class FormatWriter(ABC):
         self.verifier = verifier
         self.max_shard_bytes = max_shard_bytes
         self.target_name = target_name
+        self.resuming = False  # set before ``begin``: out_dir holds an interrupted run's partial files to reopen
 
     def artifact_path(self) -> Path:
         """What readers open: the folder, or the (first) file of a file format."""
@@ -157,6 +162,11 @@ class FormatWriter(ABC):
     @abstractmethod
     def write_dense(self, name: str, tensor: torch.Tensor) -> None:
         """Write a tensor kept in full precision (``name`` is the full tensor name)."""
+
+    def adopt(self, name: str) -> None:
+        """Count tensor ``name`` as written: its bytes are already in the reopened partial output (writers with
+        ``resumes_in_place`` only)."""
+        raise NotImplementedError(f"{self.name} does not resume in place")
 
     @abstractmethod
     def finish(self, ctx: WriteContext) -> list[str]:

@@ -163,7 +163,14 @@ def check_specs(specs: Iterable[GGUFTensorSpec]) -> None:
 class GGUFFileWriter:
     """One GGUF file: header, metadata and tensor infos written at open; ``write`` places tensor bytes."""
 
-    def __init__(self, path: Path, kvs: Sequence[KV], specs: Sequence[GGUFTensorSpec], alignment=DEFAULT_ALIGNMENT):
+    def __init__(
+        self,
+        path: Path,
+        kvs: Sequence[KV],
+        specs: Sequence[GGUFTensorSpec],
+        alignment=DEFAULT_ALIGNMENT,
+        keep_data: bool = False,
+    ):
         check_specs(specs)
         keys = [kv.key for kv in kvs]
         if len(set(keys)) != len(keys):
@@ -185,7 +192,8 @@ class GGUFFileWriter:
             head += _tensor_info(s, offsets[s.name])
         data_start = _align(len(head), alignment)
         head += b"\0" * (data_start - len(head))
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # keep_data: the file is an interrupted run's partial output of this same plan, whose finished tensors stay
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if keep_data else os.O_TRUNC), 0o644)
         os.pwrite(self._fd, bytes(head), 0)
         # ggml reads every tensor's data padded to the alignment, the last one included
         os.ftruncate(self._fd, data_start + _align(pos, alignment))
@@ -215,6 +223,12 @@ class GGUFFileWriter:
             self._partial[name] = done + data.nbytes
             return
         self._partial.pop(name, None)
+        self._pending.discard(name)
+
+    def mark_written(self, name: str) -> None:
+        """Count ``name`` as complete without writing it (its bytes are already in a reopened partial file)."""
+        if name not in self._pending or name in self._partial:
+            raise ValueError(f"tensor {name!r} is not waiting to be written")
         self._pending.discard(name)
 
     def close(self) -> None:
@@ -252,6 +266,7 @@ class GGUFWriter:
         specs: Sequence[GGUFTensorSpec],
         max_split_bytes: int | None = None,
         alignment: int = DEFAULT_ALIGNMENT,
+        keep_data: bool = False,
     ):
         check_specs(specs)
         groups: list[list[GGUFTensorSpec]] = [[]]
@@ -276,7 +291,7 @@ class GGUFWriter:
                         KV("split.tensors.count", GV.INT32, len(specs)),
                     ]
                 file_kvs = (list(kvs) if i == 0 else []) + split_kvs
-                w = GGUFFileWriter(p, file_kvs, group, alignment)
+                w = GGUFFileWriter(p, file_kvs, group, alignment, keep_data)
                 self._files.append(w)
                 for s in group:
                     self._file_of[s.name] = w
@@ -288,6 +303,11 @@ class GGUFWriter:
         if name not in self._file_of:
             raise ValueError(f"tensor {name!r} is not in the write plan")
         self._file_of[name].write(name, raw, part)
+
+    def mark_written(self, name: str) -> None:
+        if name not in self._file_of:
+            raise ValueError(f"tensor {name!r} is not in the write plan")
+        self._file_of[name].mark_written(name)
 
     def close(self) -> list[Path]:
         for w in self._files:

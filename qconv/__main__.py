@@ -1,4 +1,4 @@
-from qconv.cli import main
+from qconv.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

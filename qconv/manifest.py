@@ -6,10 +6,12 @@ times go to the ``--json`` summary instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import threading
 from pathlib import Path
@@ -36,11 +38,32 @@ def file_digests(paths: list[Path], cancel: threading.Event | None = None) -> li
     ]
 
 
+def likely_inputs(model: str) -> list[Path]:
+    """The input files qconv.model.source will list for a local ``model`` (a GGUF file; a folder's config.json,
+    safetensors files and index), found without importing torch, so that their digests can start while the heavy
+    imports run on one core (hashing a 2 GB input is ~1 s of CPU). [] where unsure (a hub id, pickle weights)."""
+    p = Path(model).expanduser()
+    if p.is_file():
+        return [p] if p.suffix == ".gguf" else []
+    cfg, index = p / "config.json", p / "model.safetensors.index.json"
+    if not cfg.is_file():
+        return []
+    if index.is_file():
+        try:
+            files = sorted({p / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return []
+        return [cfg, *files, index]
+    files = sorted(p.glob("*.safetensors"))
+    return [cfg, *files] if files else []
+
+
 class BackgroundDigests:
     """``file_digests(paths)`` computed by a daemon thread from construction on; ``result()`` waits for it (and
     re-raises its error), ``cancel()`` stops it between chunks (an aborted run)."""
 
     def __init__(self, paths: list[Path]):
+        self.paths = [Path(p) for p in paths]
         self._cancel = threading.Event()
         self._out: list[dict] | None = None
         self._error: BaseException | None = None
@@ -48,6 +71,10 @@ class BackgroundDigests:
         self._thread.start()
 
     def _run(self, paths: list[Path]) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            # Lowest priority: on a small machine the hashing would otherwise take turns with the compute threads
+            # (whose spin-waits then stretch every parallel op); this way it fills the idle moments instead.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             self._out = file_digests(paths, self._cancel)
         except BaseException as e:  # noqa: BLE001 - re-raised by result()
@@ -61,6 +88,10 @@ class BackgroundDigests:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def covers(self, paths: list[Path]) -> bool:
+        """Whether this computes the digests of exactly ``paths`` (in order)."""
+        return [p.resolve() for p in self.paths] == [Path(p).resolve() for p in paths]
 
 
 def versions() -> dict:

@@ -125,9 +125,11 @@ def quantize(
     reporter: Reporter | None = None,
     argv: list[str] | None = None,
     eval_fn=None,
+    digests: BackgroundDigests | None = None,
 ) -> dict:
     """Quantize ``model`` into ``out``; returns the run summary. ``eval_fn(path) -> dict`` (optional) evaluates
-    the finished artifact before it is published, and its figures go into the manifest."""
+    the finished artifact before it is published, and its figures go into the manifest. ``digests``: the input
+    digests, already started (used if they cover the source's input files, else cancelled)."""
     reporter = reporter or Reporter(quiet=True)
     t0 = time.perf_counter()
     if cfg.method not in METHODS:
@@ -136,15 +138,29 @@ def quantize(
         raise InputError(f"--format {cfg.format}: unknown; available: {', '.join(WRITERS)}")
     if cfg.group_size != -1 and cfg.group_size < 1:
         raise InputError(f"--group-size {cfg.group_size}: use a positive size or -1 for per-channel")
-    device = check_device(run.device)
-    source = open_source(model, allow_pickle=run.allow_pickle, revision=run.revision)
     try:
-        return _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0)
+        device = check_device(run.device)
+        source = open_source(model, allow_pickle=run.allow_pickle, revision=run.revision)
+    except BaseException:
+        if digests is not None:
+            digests.cancel()
+        raise
+    if digests is None or not digests.covers(source.input_files):
+        if digests is not None:
+            digests.cancel()
+        # The manifest's input sha256s read every input byte again (16 GB for an 8B model): a thread hashes them
+        # while the layers compute (hashlib and file reads release the GIL).
+        digests = BackgroundDigests(source.input_files)
+    try:
+        return _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0, digests)
+    except BaseException:
+        digests.cancel()  # e.g. the output exists: nothing needs the digests any more
+        raise
     finally:
         source.close()
 
 
-def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dict:
+def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0, digests: BackgroundDigests) -> dict:
     dtype = resolve_dtype(cfg.dtype, source)
     try:
         patterns = [re.compile(p) for p in cfg.ignore]
@@ -157,9 +173,6 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
     output = AtomicOutput(out, run.force, is_dir=not writer_cls.is_file, inputs=source.input_files)
     writer = writer_cls(output.path, verifier, run.max_shard_bytes, out.name, **cfg.format_options, **format_opts)
     store = None
-    # The manifest's input sha256s read every input byte again (16 GB for an 8B model): a thread hashes them
-    # while the layers compute (hashlib and file reads release the GIL).
-    digests = BackgroundDigests(source.input_files)
     try:
         cfg.method_options = opts
         if made_static:
@@ -204,6 +217,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                     __version__,
                     calib.describe() if calib else None,
                 ),
+                in_place=writer_cls.resumes_in_place,
             )
             if run.checkpoint
             else NoCheckpoints()
@@ -213,6 +227,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             reporter.log(f"resuming after layer {first - 1} from {store.dir}")
             if hidden is not None and first < source.num_layers:
                 store.load_hidden_into(first - 1, hidden)
+        writer.resuming = bool(first) and store.in_place
         writer.begin(plan, ctx)
         tensor_stats: dict[str, dict] = {}
         dense = set(plan.dense)
@@ -225,8 +240,8 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
                 tensor_stats[name] = stats
             else:
                 writer.write_dense(name, value)
-            if log is not None:
-                log.append((kind, name, value, stats))
+            if log is not None:  # in place, the checkpoint needs no values (and holding them would cost memory)
+                log.append((kind, name, None if store.in_place else value, stats))
 
         def write_other(name: str, value: torch.Tensor | None = None, log: list | None = None) -> None:
             """A tensor the method does not quantize: dense, or plain RTN onto the grid the format gave it.
@@ -243,7 +258,13 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
         with reporter.task("quantizing layers", source.num_layers) as advance:
             for i in range(first):  # finished before an interruption: replay the recorded writes
                 for kind, name, value, stats in store.load_layer(i):
-                    put(kind, name, value, stats)
+                    if value is not None:
+                        put(kind, name, value, stats)
+                        continue
+                    writer.adopt(name)  # in place: already in the reopened partial output, verified when written
+                    if kind == "quantized":
+                        tensor_stats[name] = stats
+                        verifier.checked += 1
                 advance(1, f"layer {i} (resumed)")
             layer_seconds: list[float] = []
             if device.type == "cuda":
@@ -335,7 +356,12 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0) -> dic
             with contextlib.suppress(Exception):
                 store.wait()  # a background checkpoint commit finishes (or fails) before the process unwinds
         writer.abort()
-        output.discard()
+        kept = False
+        if store is not None:
+            with contextlib.suppress(Exception):
+                kept = store.keep_partial(output.path)  # in place: what a --resume continues from
+        if not kept:
+            output.discard()
         raise
     seconds = time.perf_counter() - t0
     return {

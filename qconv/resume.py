@@ -8,10 +8,17 @@ values, so the artifact is byte-identical to an uninterrupted run — and contin
 fingerprint of (inputs, settings, qconv version) guards against resuming a different job.
 
 Values are stored without pickle: dataclasses (only qconv's own) become JSON metadata + safetensors tensors.
+
+In place (formats whose every tensor sits where the plan puts it, e.g. GGUF): a layer's checkpoint is only the names
+and statistics of its writes. The partial output itself is what survives an interruption — moved into the
+checkpoint folder on Ctrl-C or an error, left where it was by a kill — and the resumed run reopens it, so a
+checkpoint costs no second copy of the quantized weights (for a fast conversion that copy took as long as the
+conversion).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -113,6 +120,11 @@ class NoCheckpoints:
     """``--no-checkpoint``: the same interface, keeping nothing (a run that needs the disk space)."""
 
     dir = None
+    in_place = False
+
+    def keep_partial(self, temp_output: Path) -> bool:
+        """Nothing is kept: the caller discards the output."""
+        return False
 
     def start(self, resume: bool, temp_output: Path) -> int:
         if resume:
@@ -132,10 +144,14 @@ class NoCheckpoints:
 class ResumeStore:
     """The checkpoint folder of one output. ``start`` decides where the run begins."""
 
-    def __init__(self, target: Path, fp: str):
+    PARTIAL = "partial"  # the interrupted run's output folder, in place mode
+
+    def __init__(self, target: Path, fp: str, in_place: bool = False):
         target = Path(target).resolve()
         self.dir = target.parent / f".{target.name}.qconv-resume"
         self.fp = fp
+        self.in_place = in_place
+        self._done = -1
         self._pending: threading.Thread | None = None  # a background commit in flight
         self._error: BaseException | None = None  # its failure, re-raised by wait()
 
@@ -152,15 +168,42 @@ class ResumeStore:
                 )
             first = int(state.get("done", -1)) + 1
             stale = state.get("temp_output")
-            if stale and Path(stale).name.startswith(".") and ".qconv-tmp-" in Path(stale).name:
+            if self.in_place and first:
+                self._reopen(stale, temp_output)
+            elif stale and Path(stale).name.startswith(".") and ".qconv-tmp-" in Path(stale).name:
                 shutil.rmtree(stale, ignore_errors=True)  # the interrupted run's half-built output
         elif self.dir.exists():
             shutil.rmtree(self.dir)
         if first == 0 and self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._done = first - 1
         self._write_state(first - 1, temp_output, state.get("hidden") if first and state else None)
         return first
+
+    def _reopen(self, partial: str | None, temp_output: Path) -> None:
+        """In place: the interrupted run's output folder becomes this run's (empty, just created) one."""
+        src = Path(partial) if partial else None
+        if src is None or not src.is_dir() or not (src == self.dir / self.PARTIAL or ".qconv-tmp-" in src.name):
+            raise InputError(
+                f"{self.dir}: cannot resume: the interrupted run's partial output ({partial}) is gone; "
+                "run without --resume to start over"
+            )
+        os.replace(src, temp_output)  # temp_output is an empty folder on the same file system
+
+    def keep_partial(self, temp_output: Path) -> bool:
+        """In place, after a failure or interruption with at least one layer checkpointed: move the output folder
+        into the checkpoint folder for a later --resume (True); otherwise False (the caller discards it)."""
+        with contextlib.suppress(Exception):
+            self.wait()  # a background commit's failure only means fewer finished layers
+        if not self.in_place or self._done < 0 or not Path(temp_output).is_dir():
+            return False
+        dest = self.dir / self.PARTIAL
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(temp_output, dest)
+        state = self._state() or {}
+        self._write_state(int(state.get("done", self._done)), dest, state.get("hidden"))
+        return True
 
     def _state(self) -> dict | None:
         p = self.dir / STATE
@@ -174,7 +217,13 @@ class ResumeStore:
     def _write_state(self, done: int, temp_output: Path, hidden: dict | None = None) -> None:
         """The one atomic commit point: ``done`` and the activations file leaving that layer change together."""
         tmp = self.dir / (STATE + ".tmp")
-        state = {"fingerprint": self.fp, "done": done, "temp_output": str(temp_output), "hidden": hidden}
+        state = {
+            "fingerprint": self.fp,
+            "done": done,
+            "temp_output": str(temp_output),
+            "hidden": hidden,
+            "in_place": self.in_place,
+        }
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.dir / STATE)
 
@@ -188,9 +237,15 @@ class ResumeStore:
         from the last layer whose activations are complete. Host-resident activations (CPU runs, possibly a
         memory-mapped file larger than RAM) are written in place, synchronously: a snapshot could double memory."""
         self.wait()
-        tensors: dict[str, torch.Tensor] = {}
-        desc = encode(writes, "w", tensors)
-        _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
+        if self.in_place:  # the values are in the partial output already
+            rows = [[kind, name, stats] for kind, name, _value, stats in writes]
+            tmp = self.dir / f"layer-{i:05d}.json.tmp"
+            tmp.write_text(json.dumps(rows))
+            os.replace(tmp, self.dir / f"layer-{i:05d}.json")
+        else:
+            tensors: dict[str, torch.Tensor] = {}
+            desc = encode(writes, "w", tensors)
+            _save_atomic(self.dir / f"layer-{i:05d}.safetensors", tensors, {"writes": desc})
         if hidden is not None and hidden.is_cuda:
             snap = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
             snap.copy_(hidden)
@@ -202,6 +257,7 @@ class ResumeStore:
     def _commit(self, i: int, hidden: torch.Tensor | None, temp_output: Path) -> None:
         head = self._save_hidden(hidden, i) if hidden is not None else None
         self._write_state(i, temp_output, head)
+        self._done = i
         for old in self.dir.glob("hidden-*.bin"):  # only after the state names the new file
             if head is None or old.name != head["file"]:
                 old.unlink(missing_ok=True)
@@ -236,10 +292,14 @@ class ResumeStore:
         }
 
     def load_layer(self, i: int) -> list:
-        p = self.dir / f"layer-{i:05d}.safetensors"
+        """Layer ``i``'s writes [(kind, name, value, stats row)]; in place, every value is None (the tensor is in the
+        reopened partial output: the writer adopts it)."""
+        p = self.dir / f"layer-{i:05d}.{'json' if self.in_place else 'safetensors'}"
         try:
+            if self.in_place:
+                return [(kind, name, None, stats) for kind, name, stats in json.loads(p.read_text())]
             tensors, meta = _load(p)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise InputError(f"{p}: unreadable resume checkpoint ({e}); run without --resume to start over") from None
         return decode(meta["writes"], tensors)
 

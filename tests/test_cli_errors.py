@@ -209,3 +209,22 @@ def test_malformed_packed_tensor_is_a_clean_error(cli, tiny_llama, tmp_path):
     out = tmp_path / "dense"
     r = cli("convert", art, "--out", out, "--quiet")
     assert_clean_failure(r, out, "cannot be decoded", key.removesuffix("_scale"))
+
+
+def test_console_entry_exit_codes_and_output(tmp_path):
+    """The real entry point (``python -m qconv``, the ``qconv`` script) ends the process itself once the command is
+    done (skipping the interpreter's slow teardown): exit codes, stdout and stderr must arrive intact."""
+    import subprocess
+    import sys
+
+    def qconv(*args):
+        return subprocess.run([sys.executable, "-m", "qconv", *map(str, args)], capture_output=True, text=True)
+
+    r = qconv("--version")
+    assert r.returncode == 0 and "qconv, version" in r.stdout
+    r = qconv("quantize", tmp_path / "missing", "--out", tmp_path / "out", "--json")
+    assert r.returncode == 2
+    assert json.loads(r.stdout.strip().splitlines()[-1])["exit_code"] == 2
+    assert "qconv: error:" in r.stderr and "missing" in r.stderr
+    r = qconv("no-such-command")
+    assert r.returncode == 2 and "No such command" in r.stderr

@@ -449,3 +449,39 @@ def test_exact_scale_beats_any_scale(grid: str, weighted: bool) -> None:
             assert int(conc.sum()) >= nb // 4
             e = err(s_exact)[0].double()
             assert bool((e <= best_scan * (1 + 1e-5) + 1e-9)[conc].all())
+
+
+@pytest.mark.parametrize("kind", list(DATA))
+def test_q8_0_fast_fit_and_its_error(kind: str, data: dict) -> None:
+    """Q8_0 at effort "fast" (qconv's fastest path): every block at or below the error of llama.cpp's own choice
+    (scale amax/127 in fp16, nearest codes), computed here from its definition; the error statistics formed inside
+    the fit equal error_stats of the dequantized fields; ``fit`` and ``fit_with_error`` give the same fields; the
+    input is not modified; and other types leave the statistics to the caller."""
+    from qconv.quant.tensor import error_stats
+
+    w = _get(data, kind)
+    keep = w.clone()
+    for imp in (None, _importance(w.shape[1])):
+        f, stats = gg.fit_with_error(w, T.Q8_0, imp, effort="fast")
+        assert torch.equal(w, keep)
+        g = gg.fit(w, T.Q8_0, imp, effort="fast")
+        assert torch.equal(f.d, g.d) and torch.equal(f.q, g.q)
+        deq = gg.dequantize(f, w.numel()).view(w.shape)
+        x = w.double().view(-1, 32)
+        r = (x.abs().amax(1, keepdim=True) / 127).to(torch.float16).double()
+        llama = (x / torch.where(r > 0, r, 1)).round().clamp(-128, 127) * r
+        wt = torch.ones_like(x)
+        if imp is not None:
+            wt = imp.double().view(1, -1, 32).expand(w.shape[0], -1, -1).reshape(-1, 32)
+        ours_b = ((deq.double().view(-1, 32) - x).square() * wt).sum(1)
+        llama_b = ((llama - x).square() * wt).sum(1)
+        assert bool((ours_b <= llama_b * (1 + 1e-9) + 1e-30).all()), f"{kind}: a block above llama.cpp's error"
+        ref = error_stats(deq.clone(), w, imp)
+        assert stats is not None and stats.keys() == ref.keys()
+        for k in ref:
+            assert math.isclose(stats[k], ref[k], rel_tol=1e-4), (k, stats[k], ref[k])
+    assert gg.fit_with_error(w[:, :256], T.Q4_K, effort="fast")[1] is None
+    bad = w[:4, :64].clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        gg.fit(bad, T.Q8_0, effort="fast")

@@ -460,3 +460,26 @@ def test_unpermute_rope_explicit_rows():
     rows = torch.arange(8.0)
     assert llama_cpp_permute(rows, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
     assert _unpermute_rope(torch.tensor([0.0, 2, 1, 3, 4, 6, 5, 7]), 2).tolist() == list(range(8))
+
+
+def test_read_native_keeps_float_types_and_never_writes_the_file(small_file):
+    """F32 / F16 / BF16 come back in their own dtype (the stored bits, not widened), every other type as ``read``;
+    the bytes are a private mapping of the file: writing to the tensor leaves the file as it was."""
+    g = GGUFFile(small_file)
+    before = small_file.read_bytes()
+    native = {int(QT.F32): torch.float32, int(QT.F16): torch.float16, int(QT.BF16): torch.bfloat16}
+    seen = set()
+    for name, info in g.tensors.items():
+        got = g.read_native(name)
+        want = g.read(name)
+        assert got.shape == want.shape
+        if info.ggml_type in native:
+            seen.add(info.ggml_type)
+            assert got.dtype == native[info.ggml_type]
+            assert torch.equal(got.float(), want)
+        else:
+            assert torch.equal(got, want)
+        if got.numel():
+            got.view(-1)[0] = 7
+    assert seen, "the fixture holds float tensors"
+    assert small_file.read_bytes() == before

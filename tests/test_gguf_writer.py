@@ -159,7 +159,7 @@ def test_large_tensors_go_in_row_chunks(cli, tmp_path, tokenizer_files, monkeypa
     model = tiny_model(tmp_path, "llama", tokenizer_files)
     outs = {}
     for label, elems in (("whole", 1 << 40), ("chunked", 4096)):
-        monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS", elems)
+        monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS_CPU", elems)
         monkeypatch.setattr(qtensor, "STATS_CHUNK", elems)
         outs[label] = tmp_path / f"{label}.gguf"
         r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_K_M", "--imatrix", "auto", "--calib-samples",

@@ -179,3 +179,27 @@ def test_inspect_gguf(cli):
     assert info["kind"] == "gguf" and info["types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert info["metadata"]["general.architecture"] == "llama"
     assert info["metadata"]["tokenizer.ggml.tokens"] == "[49152 items]"
+
+
+def test_input_digests_start_before_the_source_opens(tiny, tmp_path):
+    """The CLI starts hashing the inputs before torch is imported, from a torch-free guess of the source's input
+    files: the guess must be exactly the source's list (else the pipeline starts over), and gives its digests."""
+    from qconv.manifest import BackgroundDigests, file_digests, likely_inputs
+
+    src = open_source(str(tiny))
+    guess = likely_inputs(str(tiny))
+    assert [p.resolve() for p in guess] == [Path(p).resolve() for p in src.input_files]
+    early = BackgroundDigests(guess)
+    assert early.covers(src.input_files) and early.result() == file_digests(src.input_files)
+    assert not early.covers(src.input_files[1:])
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert likely_inputs(str(gguf)) == [gguf]
+    assert likely_inputs("HuggingFaceTB/SmolLM2-135M") == []  # a hub id: the pipeline hashes after the download
+
+
+def test_trim_keeps_bounded_slack():
+    from qconv.memory import trim
+
+    assert trim(slack=1 << 60) is False  # less free heap than the slack: nothing returned to the OS
+    assert isinstance(trim(slack=0), bool)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +72,12 @@ def run_and_kill(args: list[str], out: Path, sig: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt, sig", [("safetensors", signal.SIGKILL), ("gguf", signal.SIGINT)])
+@pytest.mark.parametrize(
+    "fmt, sig", [("safetensors", signal.SIGKILL), ("gguf", signal.SIGINT), ("gguf", signal.SIGKILL)]
+)
 def test_killed_run_resumes_byte_identical(cli, deep_tiny, tmp_path, fmt, sig):
+    """GGUF resumes in place: its checkpoints hold names and statistics only, and the partial output survives
+    (moved into the checkpoint folder on SIGINT, left in its temporary folder by SIGKILL)."""
     name = "model.gguf" if fmt == "gguf" else "model"
     ref = tmp_path / "ref" / name
     r = cli(*quantize_args(deep_tiny, ref, fmt))
@@ -81,12 +86,30 @@ def test_killed_run_resumes_byte_identical(cli, deep_tiny, tmp_path, fmt, sig):
 
     out = tmp_path / "resumed" / name
     run_and_kill(quantize_args(deep_tiny, out, fmt), out, sig)
+    ckpt = out.parent / f".{out.name}.qconv-resume"
+    kept = {p.suffix for p in ckpt.iterdir() if p.name.startswith("layer-")}
+    assert kept == ({".json"} if fmt == "gguf" else {".safetensors"}), kept
+    if fmt == "gguf":
+        partial = Path(state_of(out)["temp_output"])
+        assert (partial / name).is_file()
+        assert (partial.parent == ckpt) == (sig == signal.SIGINT)
     r = cli(*quantize_args(deep_tiny, out, fmt, "--resume"))
     assert r.code == 0, r.stderr
     assert artifact_files(out) == artifact_files(ref)
     assert state_of(out) is None
     leftovers = [p.name for p in out.parent.iterdir() if ".qconv-" in p.name]
     assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+def test_in_place_resume_needs_its_partial_output(cli, deep_tiny, tmp_path):
+    out = tmp_path / "model.gguf"
+    run_and_kill(quantize_args(deep_tiny, out, "gguf"), out, signal.SIGINT)
+    shutil.rmtree(state_of(out)["temp_output"])
+    r = cli(*quantize_args(deep_tiny, out, "gguf", "--resume"))
+    assert r.code == 2
+    assert "partial output" in r.stderr and "run without --resume" in r.stderr
+    assert not out.exists()
 
 
 def test_changed_job_refuses_to_resume(cli, deep_tiny, tmp_path):

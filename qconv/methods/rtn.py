@@ -29,8 +29,12 @@ def rtn(
     if isinstance(grid, IntGrid):
         return quantize_weight(w, grid, clip=clip, importance=importance)
     if isinstance(grid, GGMLGrid):
-        fields = ggml_grid.fit(w, grid.ggml_type, importance, grid.effort, value_path)
-        return with_block_error_stats(BlockQuantizedTensor(grid, fields, tuple(w.shape)), w, importance)
+        fields, stats = ggml_grid.fit_with_error(w, grid.ggml_type, importance, grid.effort, value_path)
+        qt = BlockQuantizedTensor(grid, fields, tuple(w.shape))
+        if stats is not None:  # formed by the fit itself
+            qt.stats.update(stats)
+            return qt
+        return with_block_error_stats(qt, w, importance)
     raise TypeError(f"RTN cannot quantize onto {grid!r}")
 
 

@@ -252,8 +252,20 @@ class GGUFSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self.gguf.tensors[self._map[name]].shape
 
+    def weights_dtype(self) -> torch.dtype:
+        """float16 / bfloat16 when every decoder weight is stored as F16 / BF16 (reads keep them narrow); otherwise
+        float32, which every other type dequantizes to exactly (a narrower dtype would round them)."""
+        from qconv.formats.gguf_reader import native_float_dtype
+
+        kinds = {
+            native_float_dtype(self.gguf.tensors[g].ggml_type)
+            for hf, g in self._map.items()
+            if hf.endswith(".weight") and self._LAYER.match(g) and len(self.gguf.tensors[g].shape) == 2
+        }
+        return kinds.pop() if len(kinds) == 1 and None not in kinds else torch.float32
+
     def _read(self, name: str) -> torch.Tensor:
-        w = self.gguf.read(self._map[name])
+        w = self.gguf.read_native(self._map[name])
         if self._permuted and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
             w = _unpermute_rope(w, self.config["num_attention_heads"])
         elif self._permuted and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):

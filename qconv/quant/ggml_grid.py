@@ -777,8 +777,6 @@ def _fit_sym_single(
     ``ref_div``: llama.cpp's reference choice, d = (signed max) / ref_div (amax / ref_div when positive), which a
     block keeps where it is at least as good.
     """
-    if not cfg.cands:
-        return _fit_sym_single_ref(x, w, lv, ref_div, ws)
     buf, prod = ws.get("a", x), ws.get("b", x)
     s, _ = _fit_sym(x, w, lv, cfg.cands, cfg.lloyd, ws, cfg.exact)
     best = _Best()
@@ -799,24 +797,106 @@ def _fit_sym_single(
     return d.to(torch.float16).squeeze(0), _blocks(codes)
 
 
-def _fit_sym_single_ref(
-    x: torch.Tensor, w: torch.Tensor | None, lv: _Levels, ref_div: float, ws: _Ws
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cheapest search (``_Cfg`` without candidates): llama.cpp's reference scale and one least-squares step
-    from its codes, the better of the two per block — never worse than llama.cpp, at a third of the passes over the
-    weights of the candidate search. Same shapes as ``_fit_sym_single``; codes in int8 (only Q8_0 uses it)."""
-    buf, prod, vbuf = ws.get("a", x), ws.get("b", x), ws.get("c", x)
-    mx = _signed_absmax(x)
-    ref = _to_f16((mx if ref_div < 0 else mx.abs()) / ref_div).float()
-    v = _levels_into(x, _safe_inv(ref), lv, vbuf)
-    d2 = _to_f16_nz(_safe_div(_wdot(w, x, v, out=prod), _wdot(w, v, v, out=prod), ref)).float()
-    r = torch.sub(x, torch.mul(v, ref, out=prod), out=prod)
-    best = _Best()
-    best.update(_wdot(w, r, r, out=prod), ref)
-    best.update(_sq_err_sym(x, w, d2, lv, buf, prod), d2)
-    d = best.payload[0]
-    codes = _codes_of(torch.mul(x, _safe_inv(d), out=buf), lv, torch.int8)
-    return d.to(torch.float16).squeeze(0), _blocks(codes)
+class _ErrorSums:
+    """Running sums of a fit's reconstruction error, for ``fit_with_error``'s statistics (the keys and meaning of
+    qconv.quant.tensor.error_stats)."""
+
+    def __init__(self, weighted: bool) -> None:
+        self.dd = self.ww = self.num = self.den = 0.0
+        self.lo = self.hi = 0.0
+        self.weighted = weighted
+
+    def add(self, r: torch.Tensor, x: torch.Tensor, imp: torch.Tensor | None, scratch: torch.Tensor) -> None:
+        """r = dequantized − x and x, float32 [B, 32]; imp like x (the raw importance per element) or None."""
+        rf, xf = r.reshape(-1), x.reshape(-1)
+        self.dd += float(rf.dot(rf))
+        self.ww += float(xf.dot(xf))
+        lo, hi = torch.aminmax(rf)
+        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        if imp is not None:
+            self.num += float(torch.mul(r, r, out=scratch).mul_(imp).sum())
+            self.den += float(torch.mul(x, x, out=scratch).mul_(imp).sum())
+
+    def stats(self) -> dict[str, float]:
+        out = {"rel_mse": self.dd / max(self.ww, 1e-30), "max_abs_err": max(-self.lo, self.hi)}
+        if self.weighted:
+            out["rel_mse_weighted"] = self.num / max(self.den, 1e-30)
+        return out
+
+
+def _q8_0_ls(
+    x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor, ws: _Ws, err: _ErrorSums | None, imp: torch.Tensor | None
+) -> torch.Tensor:
+    """Q8_0 at effort "fast", in natural block layout: x float32 [B, 32], w float32 [B, 32] or None, codes written
+    into q int8 [B, 32]; returns d float16 [B]. With ``err``, adds this chunk's reconstruction error (``imp``: the
+    raw importance like x, for the weighted figure). Raises ValueError for a non-finite weight.
+
+    llama.cpp's scale r = amax / 127 gives codes v = round(x / r); the least-squares scale for those codes, rounded
+    to fp16 (d, the fp16 value nearest the optimum, hence never further from it than r), then the nearest codes for
+    d. Each step can only lower Σ w (x − d·code)² (a quadratic in d for fixed codes; nearest rounding per element
+    for fixed d), so every block ends at or below llama.cpp's own error — with no error evaluated at all, which
+    keeps this to about a dozen passes over the weights.
+
+    Cost notes (2-core CPU, 512K-element chunks): every block-sized temporary comes from ``ws`` (a fresh
+    multi-megabyte tensor costs its page faults, several times the arithmetic done on it), and the per-block
+    tensors avoid ``where`` and bool masks (each ~25 µs even on 16K elements, as much as a pass over the chunk).
+    """
+    v, prod = ws.get("v", x), ws.get("p", x)
+    amax = torch.abs(x, out=prod).amax(1, keepdim=True)
+    top = float(amax.max())  # NaN and inf propagate into it: the finiteness check costs no pass of its own
+    if not math.isfinite(top):
+        raise ValueError("Q8_0: weights contain NaN or inf")
+    if top > _X_MAX:
+        x.clamp_(-_X_MAX, _X_MAX)
+        amax.clamp_(max=_X_MAX)
+    ref = (amax / 127.0).clamp_(max=_FP16_MAX).to(torch.float16).float()
+    torch.mul(x, ref.reciprocal().nan_to_num_(posinf=0.0), out=v).round_()  # r = 0: codes 0
+    if top > 127.0 * _FP16_MAX:  # r saturated at fp16's maximum; otherwise |x / r| <= 127.06 rounds into range
+        v.clamp_(-128, 127)
+    xv = _wdot_last(w, x, v, prod)
+    vv = _wdot_last(w, v, v, prod)
+    # Σ x·v ≥ r·Σ v² / 2 (|x/r − v| ≤ ½ and |v| ≤ v²), so d ≥ r/2; the floor at fp16's smallest subnormal keeps a
+    # non-zero block from a zero scale (and gives a block too small for r its nearest codes on that step).
+    d = xv.div_(vv).nan_to_num_(nan=0.0).clamp_(2.0**-24, _FP16_MAX).to(torch.float16)
+    df = d.float()
+    torch.mul(x, df.reciprocal(), out=v).round_().clamp_(-128, 127)
+    q.copy_(v)
+    if err is not None:  # the dequantized chunk is code · d in float32, exactly as every reader forms it
+        err.add(v.mul_(df).sub_(x), x, imp, prod)
+    return d.squeeze(1)
+
+
+def _wdot_last(w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Σ w · a · b over the last dim (keepdim), using ``out`` (shaped like a) as scratch."""
+    torch.mul(a, b, out=out)
+    return (out if w is None else out.mul_(w)).sum(-1, keepdim=True)
+
+
+def _fit_q8_0_fast(
+    x: torch.Tensor, wcol: torch.Tensor | None, imp: torch.Tensor | None, err: _ErrorSums | None
+) -> Q8_0Fields:
+    """``fit`` for Q8_0 at effort "fast": x [rows, n] (any float dtype; not modified), wcol float32 [n] (the fit's
+    weights) and imp float32 [n] (the raw importance, for ``err``) or None. Row chunks that stay in cache, written
+    straight into the result (no per-chunk fields to concatenate)."""
+    rows, n = x.shape
+    nbpr = n // 32
+    d = torch.empty(rows * nbpr, dtype=torch.float16, device=x.device)
+    q = torch.empty(rows * nbpr, 32, dtype=torch.int8, device=x.device)
+    step = max(1, _chunk_elems(x.device) // n)
+    ws = _Ws()
+
+    def per_element(slot: str, col: torch.Tensor | None, r: int) -> torch.Tensor | None:
+        if col is None:
+            return None
+        return ws.empty(slot, (r, nbpr, 32), x.device).copy_(col.view(1, nbpr, 32)).view(-1, 32)
+
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        xc = ws.empty("x", (r1 - r0, nbpr, 32), x.device)
+        xc.copy_(x[r0:r1].view(r1 - r0, nbpr, 32))
+        wc, ic = per_element("w", wcol, r1 - r0), per_element("i", imp if err is not None else None, r1 - r0)
+        d[r0 * nbpr : r1 * nbpr] = _q8_0_ls(xc.view(-1, 32), wc, q[r0 * nbpr : r1 * nbpr], ws, err, ic)
+    return Q8_0Fields(d=d, q=q)
 
 
 def _fit_affine_single(
@@ -1080,14 +1160,13 @@ def _concat_fields(parts: list[BlockFields]) -> BlockFields:
     return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts], dim=0) for f in dataclasses.fields(cls)})
 
 
-@torch.no_grad()
-def fit(
+def fit_with_error(
     w: torch.Tensor,
     ggml_type: int,
     importance: torch.Tensor | None = None,
     effort: str = "best",
     value_path: bool = False,
-) -> BlockFields:
+) -> tuple[BlockFields, dict[str, float] | None]:
     """Choose every field of a GGML tensor of type ``ggml_type`` for the weights ``w``.
 
     w: float [rows, n] (any float dtype, any device; computed in float32), n a multiple of BLOCK_SIZE[type].
@@ -1100,9 +1179,24 @@ def fit(
     ``VALUE_PATH_POWER_IMP`` take that power.
     effort: "best" (the full search), "fast" (about a third of the trials, still below llama.cpp's error), "auto"
     (best with importance weights, fast without).
+    Also returns the error statistics of the dequantized result against ``w`` (qconv.quant.tensor.error_stats's keys,
+    the weighted figure with ``importance``) where the fit forms them on the way at little cost — Q8_0 at effort
+    "fast", whose dequantized chunk is in cache anyway — and None elsewhere (the caller computes them).
     Raises ValueError for a bad shape, a non-finite weight, or a bad importance vector; NotImplementedError for a type
     outside ``SUPPORTED_TYPES``.
     """
+    return _fit(w, ggml_type, importance, effort, value_path, want_error=True)
+
+
+@torch.no_grad()
+def _fit(
+    w: torch.Tensor,
+    ggml_type: int,
+    importance: torch.Tensor | None,
+    effort: str,
+    value_path: bool,
+    want_error: bool,
+) -> tuple[BlockFields, dict[str, float] | None]:
     if effort not in EFFORTS:
         raise ValueError(f"effort {effort!r}: choose one of {', '.join(EFFORTS)}")
     t, spec = _spec(ggml_type)
@@ -1125,7 +1219,11 @@ def fit(
     else:
         cfgs = _CFG_FAST
     if rows * n == 0:
-        return unpack(torch.zeros(0, TYPE_SIZE[t], dtype=torch.uint8, device=x.device), t)
+        return unpack(torch.zeros(0, TYPE_SIZE[t], dtype=torch.uint8, device=x.device), t), None
+    if t == GGMLType.Q8_0 and not cfgs[t].cands:
+        err = _ErrorSums(weighted=importance is not None) if want_error else None
+        fields = _fit_q8_0_fast(x, wcol, None if importance is None else imp, err)
+        return fields, None if err is None else err.stats()
     nbpr, sub = n // bs, spec.sub
     n_sub = bs // sub
     # Working layout [sub, n_sub, blocks] (see "Working layout" above); the weights of one row of blocks likewise.
@@ -1163,7 +1261,18 @@ def fit(
             wt = ws.empty("w", shape, x.device)
             wt.view(sub, n_sub, r, nbpr).copy_(wrow.unsqueeze(2).expand(sub, n_sub, r, nbpr))
         parts.append(spec.fit_chunk(xt, wt, ws, cfgs))
-    return _concat_fields(parts)
+    return _concat_fields(parts), None
+
+
+def fit(
+    w: torch.Tensor,
+    ggml_type: int,
+    importance: torch.Tensor | None = None,
+    effort: str = "best",
+    value_path: bool = False,
+) -> BlockFields:
+    """``fit_with_error`` without the statistics: the fields alone (see there for shapes and meaning)."""
+    return _fit(w, ggml_type, importance, effort, value_path, want_error=False)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
