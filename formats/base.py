@@ -166,7 +166,7 @@ class FormatWriter(ABC):
     def adopt(self, name: str) -> None:
         """Count tensor ``name`` as written: its bytes are already in the reopened partial output (writers with
         ``resumes_in_place`` only)."""
-        raise NotImplementedError(f"{self.name} does not resume in place")
+        raise RuntimeError(f"{self.name} does not resume in place: only writers with resumes_in_place adopt tensors")
 
     @abstractmethod
     def finish(self, ctx: WriteContext) -> list[str]:

@@ -119,6 +119,10 @@ _SIZES: Mapping[GGMLType, tuple[int, int]] = MappingProxyType(
 )
 BLOCK_SIZE: Mapping[GGMLType, int] = MappingProxyType({t: s[0] for t, s in _SIZES.items()})
 TYPE_SIZE: Mapping[GGMLType, int] = MappingProxyType({t: s[1] for t, s in _SIZES.items()})
+# The float types whose stored bits are a torch dtype's as they are.
+FLOAT_DTYPES: Mapping[GGMLType, torch.dtype] = MappingProxyType(
+    {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+)
 
 # Non-linear 4-bit codebook shared by IQ4_NL and IQ4_XS (kvalues_iq4nl in ggml-common.h).
 KVALUES_IQ4NL: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)

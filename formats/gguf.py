@@ -16,7 +16,7 @@ import torch
 from qconv import __version__
 from qconv.errors import InputError
 from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
-from qconv.formats.ggml_blocks import GGMLType, dequantize_blocks, pack, slice_blocks
+from qconv.formats.ggml_blocks import FLOAT_DTYPES, GGMLType, dequantize_blocks, pack, slice_blocks
 from qconv.formats.gguf_meta import gguf_arch, gguf_name, model_kvs, permutation_for, rope_freqs
 from qconv.formats.gguf_mix import FLOAT_TYPES, MixOptions, ModelShape, file_type, named_type, plan_types
 from qconv.formats.gguf_vocab import vocab_kvs
@@ -30,7 +30,6 @@ QUANTIZATION_VERSION = 2
 # temporaries stay in cache: a fast Q8_0 conversion ran 1.5× faster than with 64 MB pieces), 64 MB on accelerators.
 ROW_CHUNK_ELEMS_CPU = 1 << 19
 ROW_CHUNK_ELEMS_ACCEL = 1 << 24
-_FLOAT_DTYPE = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
 
 
 def permute_rows(fields, rows: int, perm: torch.Tensor):
@@ -248,12 +247,12 @@ class GGUFFormat(FormatWriter):
         assert self._writer is not None
         g = self._names[name]
         t = self._types[g]
-        if t not in _FLOAT_DTYPE:
+        if t not in FLOAT_DTYPES:
             raise RuntimeError(f"{name}: planned as {GGMLType(t).name}, got a dense tensor")
         perm = self._perm(name, tensor.shape[0])
         if perm is not None:
             tensor = tensor[perm]
-        self._writer.write(g, tensor.to(_FLOAT_DTYPE[t]).contiguous())
+        self._writer.write(g, tensor.to(FLOAT_DTYPES[t]).contiguous())
 
     def adopt(self, name: str) -> None:
         assert self._writer is not None

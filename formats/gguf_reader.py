@@ -17,7 +17,14 @@ from typing import Any
 import torch
 
 from qconv.errors import InputError
-from qconv.formats.ggml_blocks import BLOCK_SIZE, SUPPORTED_DEQUANT_TYPES, TYPE_SIZE, GGMLType, dequantize
+from qconv.formats.ggml_blocks import (
+    BLOCK_SIZE,
+    FLOAT_DTYPES,
+    SUPPORTED_DEQUANT_TYPES,
+    TYPE_SIZE,
+    GGMLType,
+    dequantize,
+)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -26,14 +33,6 @@ DEFAULT_ALIGNMENT = 32
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 T_STRING, T_ARRAY = 8, 9
 MAX_DIMS = 4
-_NATIVE_FLOAT = {int(GGMLType.F32): torch.float32, int(GGMLType.F16): torch.float16, int(GGMLType.BF16): torch.bfloat16}
-
-
-def native_float_dtype(ggml_type: int) -> torch.dtype | None:
-    """The torch dtype a GGML float type's bits already are (F32, F16, BF16); None for every other type."""
-    return _NATIVE_FLOAT.get(int(ggml_type))
-
-
 MAX_STRING = 1 << 30
 
 
@@ -202,7 +201,7 @@ class GGUFFile:
         """The tensor in torch order: F32, F16 and BF16 in their own dtype (the stored bits, not widened: a float32
         copy of a large F16 tensor is twice its size, and costs a pass over memory), other types as ``read``."""
         info = self.tensors[name]
-        dt = native_float_dtype(info.ggml_type)
+        dt = FLOAT_DTYPES.get(info.ggml_type)
         if dt is None:
             return self.read(name)
         return self.read_raw(name).view(dt).reshape(info.shape)

@@ -255,10 +255,10 @@ class GGUFSource(TensorSource):
     def weights_dtype(self) -> torch.dtype:
         """float16 / bfloat16 when every decoder weight is stored as F16 / BF16 (reads keep them narrow); otherwise
         float32, which every other type dequantizes to exactly (a narrower dtype would round them)."""
-        from qconv.formats.gguf_reader import native_float_dtype
+        from qconv.formats.ggml_blocks import FLOAT_DTYPES
 
         kinds = {
-            native_float_dtype(self.gguf.tensors[g].ggml_type)
+            FLOAT_DTYPES.get(self.gguf.tensors[g].ggml_type)
             for hf, g in self._map.items()
             if hf.endswith(".weight") and self._LAYER.match(g) and len(self.gguf.tensors[g].shape) == 2
         }

@@ -83,6 +83,7 @@ from qconv.formats.ggml_blocks import (
     unpack,
 )
 from qconv.quant.finite import count_nonfinite
+from qconv.quant.tensor import ErrorSums
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -797,39 +798,10 @@ def _fit_sym_single(
     return d.to(torch.float16).squeeze(0), _blocks(codes)
 
 
-class _ErrorSums:
-    """Running sums of a fit's reconstruction error, for ``fit_with_error``'s statistics (the keys and meaning of
-    qconv.quant.tensor.error_stats)."""
-
-    def __init__(self, weighted: bool) -> None:
-        self.dd = self.ww = self.num = self.den = 0.0
-        self.lo = self.hi = 0.0
-        self.weighted = weighted
-
-    def add(self, r: torch.Tensor, x: torch.Tensor, imp: torch.Tensor | None, scratch: torch.Tensor) -> None:
-        """r = dequantized − x and x, float32 [B, 32]; imp like x (the raw importance per element) or None."""
-        rf, xf = r.reshape(-1), x.reshape(-1)
-        self.dd += float(rf.dot(rf))
-        self.ww += float(xf.dot(xf))
-        lo, hi = torch.aminmax(rf)
-        self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
-        if imp is not None:
-            self.num += float(torch.mul(r, r, out=scratch).mul_(imp).sum())
-            self.den += float(torch.mul(x, x, out=scratch).mul_(imp).sum())
-
-    def stats(self) -> dict[str, float]:
-        out = {"rel_mse": self.dd / max(self.ww, 1e-30), "max_abs_err": max(-self.lo, self.hi)}
-        if self.weighted:
-            out["rel_mse_weighted"] = self.num / max(self.den, 1e-30)
-        return out
-
-
-def _q8_0_ls(
-    x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor, ws: _Ws, err: _ErrorSums | None, imp: torch.Tensor | None
-) -> torch.Tensor:
-    """Q8_0 at effort "fast", in natural block layout: x float32 [B, 32], w float32 [B, 32] or None, codes written
-    into q int8 [B, 32]; returns d float16 [B]. With ``err``, adds this chunk's reconstruction error (``imp``: the
-    raw importance like x, for the weighted figure). Raises ValueError for a non-finite weight.
+def _q8_0_ls(x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor, ws: _Ws, err: ErrorSums | None) -> torch.Tensor:
+    """Q8_0 at effort "fast", in natural block layout: x float32 [rows, n / 32, 32] (whole rows), w like x or None,
+    codes written into q int8 [rows · n / 32, 32]; returns d float16 [rows · n / 32]. With ``err``, adds this chunk's
+    reconstruction error. Raises ValueError for a non-finite weight.
 
     llama.cpp's scale r = amax / 127 gives codes v = round(x / r); the least-squares scale for those codes, rounded
     to fp16 (d, the fp16 value nearest the optimum, hence never further from it than r), then the nearest codes for
@@ -841,6 +813,8 @@ def _q8_0_ls(
     multi-megabyte tensor costs its page faults, several times the arithmetic done on it), and the per-block
     tensors avoid ``where`` and bool masks (each ~25 µs even on 16K elements, as much as a pass over the chunk).
     """
+    rows = x.shape[0]
+    x, w = x.view(-1, 32), None if w is None else w.view(-1, 32)
     v, prod = ws.get("v", x), ws.get("p", x)
     amax = torch.abs(x, out=prod).amax(1, keepdim=True)
     top = float(amax.max())  # NaN and inf propagate into it: the finiteness check costs no pass of its own
@@ -862,7 +836,7 @@ def _q8_0_ls(
     torch.mul(x, df.reciprocal(), out=v).round_().clamp_(-128, 127)
     q.copy_(v)
     if err is not None:  # the dequantized chunk is code · d in float32, exactly as every reader forms it
-        err.add(v.mul_(df).sub_(x), x, imp, prod)
+        err.add(v.mul_(df).sub_(x).view(rows, -1), x.view(rows, -1))
     return d.squeeze(1)
 
 
@@ -872,30 +846,22 @@ def _wdot_last(w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: to
     return (out if w is None else out.mul_(w)).sum(-1, keepdim=True)
 
 
-def _fit_q8_0_fast(
-    x: torch.Tensor, wcol: torch.Tensor | None, imp: torch.Tensor | None, err: _ErrorSums | None
-) -> Q8_0Fields:
+def _fit_q8_0_fast(x: torch.Tensor, wcol: torch.Tensor | None, err: ErrorSums | None) -> Q8_0Fields:
     """``fit`` for Q8_0 at effort "fast": x [rows, n] (any float dtype; not modified), wcol float32 [n] (the fit's
-    weights) and imp float32 [n] (the raw importance, for ``err``) or None. Row chunks that stay in cache, written
-    straight into the result (no per-chunk fields to concatenate)."""
+    weights) or None. Row chunks that stay in cache, written straight into the result (no per-chunk fields to
+    concatenate); ``err`` collects the reconstruction error."""
     rows, n = x.shape
     nbpr = n // 32
     d = torch.empty(rows * nbpr, dtype=torch.float16, device=x.device)
     q = torch.empty(rows * nbpr, 32, dtype=torch.int8, device=x.device)
     step = max(1, _chunk_elems(x.device) // n)
     ws = _Ws()
-
-    def per_element(slot: str, col: torch.Tensor | None, r: int) -> torch.Tensor | None:
-        if col is None:
-            return None
-        return ws.empty(slot, (r, nbpr, 32), x.device).copy_(col.view(1, nbpr, 32)).view(-1, 32)
-
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         xc = ws.empty("x", (r1 - r0, nbpr, 32), x.device)
         xc.copy_(x[r0:r1].view(r1 - r0, nbpr, 32))
-        wc, ic = per_element("w", wcol, r1 - r0), per_element("i", imp if err is not None else None, r1 - r0)
-        d[r0 * nbpr : r1 * nbpr] = _q8_0_ls(xc.view(-1, 32), wc, q[r0 * nbpr : r1 * nbpr], ws, err, ic)
+        wc = None if wcol is None else ws.empty("w", (r1 - r0, nbpr, 32), x.device).copy_(wcol.view(1, nbpr, 32))
+        d[r0 * nbpr : r1 * nbpr] = _q8_0_ls(xc, wc, q[r0 * nbpr : r1 * nbpr], ws, err)
     return Q8_0Fields(d=d, q=q)
 
 
@@ -1221,8 +1187,8 @@ def _fit(
     if rows * n == 0:
         return unpack(torch.zeros(0, TYPE_SIZE[t], dtype=torch.uint8, device=x.device), t), None
     if t == GGMLType.Q8_0 and not cfgs[t].cands:
-        err = _ErrorSums(weighted=importance is not None) if want_error else None
-        fields = _fit_q8_0_fast(x, wcol, None if importance is None else imp, err)
+        err = ErrorSums(importance, x.device) if want_error else None
+        fields = _fit_q8_0_fast(x, wcol, err)
         return fields, None if err is None else err.stats()
     nbpr, sub = n // bs, spec.sub
     n_sub = bs // sub

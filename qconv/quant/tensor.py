@@ -122,18 +122,10 @@ def error_stats(deq: torch.Tensor, w: torch.Tensor, importance: torch.Tensor | N
     """Reconstruction error of the float32 dequantization ``deq`` [out, in] (consumed: overwritten) against the weight
     ``w``: relative squared error, max |error| and, with ``importance`` [in], the importance-weighted relative squared
     error. One pass per figure and no temporaries beyond ``deq`` itself (these run on every tensor of a model)."""
-    wf = w.float().reshape(-1)
-    diff = deq.reshape(-1).sub_(wf)
-    out = {"rel_mse": float(diff.dot(diff) / wf.dot(wf).clamp_min(1e-30)), "max_abs_err": 0.0}
-    if diff.numel():
-        lo, hi = torch.aminmax(diff)  # one pass (an inf-norm or abs().max() is several times slower on CPU)
-        out["max_abs_err"] = max(-float(lo), float(hi))
-    if importance is not None:
-        imp = importance.float().to(w.device)
-        num = diff.square_().view(w.shape).mv(imp).sum()
-        den = wf.square().view(w.shape).mv(imp).sum()
-        out["rel_mse_weighted"] = float(num / den.clamp_min(1e-30))
-    return out
+    wf = w.float()
+    sums = ErrorSums(importance, w.device)
+    sums.add(deq.reshape(wf.shape).sub_(wf), wf)
+    return sums.stats()
 
 
 # Tensors above this many elements get their statistics in row chunks: no float32 copy of a whole embedding or output
@@ -155,25 +147,42 @@ def with_block_error_stats(
 
     nbpr = qt.fields.n_blocks // rows
     step = max(1, STATS_CHUNK // n)
-    dd = ww = num = den = 0.0
-    lo, hi = 0.0, 0.0
-    imp = None if importance is None else importance.float().to(w.device)
+    sums = ErrorSums(importance, w.device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         wf = w[r0:r1].float()
-        diff = dequantize(slice_blocks(qt.fields, r0 * nbpr, r1 * nbpr), n).to(w.device).sub_(wf)
-        d1, w1 = diff.reshape(-1), wf.reshape(-1)
-        dd += float(d1.dot(d1))
-        ww += float(w1.dot(w1))
-        a, b = torch.aminmax(d1)
-        lo, hi = min(lo, float(a)), max(hi, float(b))
-        if imp is not None:
-            num += float(diff.square_().mv(imp).sum())
-            den += float(wf.square().mv(imp).sum())  # not in place: for float32 weights wf is w itself
-    qt.stats.update({"rel_mse": dd / max(ww, 1e-30), "max_abs_err": max(-lo, hi)})
-    if imp is not None:
-        qt.stats["rel_mse_weighted"] = num / max(den, 1e-30)
+        deq = dequantize(slice_blocks(qt.fields, r0 * nbpr, r1 * nbpr), n).to(w.device)
+        sums.add(deq.view(r1 - r0, n).sub_(wf), wf)
+    qt.stats.update(sums.stats())
     return qt
+
+
+class ErrorSums:
+    """``error_stats`` accumulated over row chunks of a tensor: Σ diff², Σ w², the extremes of diff and, with an
+    importance vector [in], Σ imp·diff² and Σ imp·w²."""
+
+    def __init__(self, importance: torch.Tensor | None, device: torch.device | str = "cpu") -> None:
+        self.imp = None if importance is None else importance.float().to(device).reshape(-1)
+        self.dd = self.ww = self.num = self.den = 0.0
+        self.lo = self.hi = 0.0
+
+    def add(self, diff: torch.Tensor, w: torch.Tensor) -> None:
+        """diff = dequantized − w (float32 [rows, in], consumed) for the float32 weights w [rows, in]."""
+        d1, w1 = diff.reshape(-1), w.reshape(-1)
+        self.dd += float(d1.dot(d1))
+        self.ww += float(w1.dot(w1))
+        if d1.numel():
+            lo, hi = torch.aminmax(d1)
+            self.lo, self.hi = min(self.lo, float(lo)), max(self.hi, float(hi))
+        if self.imp is not None:
+            self.num += float(diff.square_().mv(self.imp).sum())
+            self.den += float(w.square().mv(self.imp).sum())  # not in place: w may be the caller's own weights
+
+    def stats(self) -> dict[str, float]:
+        out = {"rel_mse": self.dd / max(self.ww, 1e-30), "max_abs_err": max(-self.lo, self.hi)}
+        if self.imp is not None:
+            out["rel_mse_weighted"] = self.num / max(self.den, 1e-30)
+        return out
 
 
 Grid = IntGrid | GGMLGrid
