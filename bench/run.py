@@ -301,6 +301,19 @@ def suite_gguf_speed(out: Path, chunks: int) -> str:
             speed.append(f"| {t} | {effort} | {lq['wall_s']:.1f} | {qq['wall_s']:.1f} | "
                          f"{qq['wall_s'] / lq['wall_s']:.2f}× | {lq['peak_rss_mib']:.0f} | "
                          f"{qq['peak_rss_mib']:.0f} |")  # fmt: skip
+    # The quality table's other types, effort fast only, one run each (the two tools taking turns)
+    for t in ("Q6_K", "Q5_K_M", "Q4_0", "Q3_K_M", "Q2_K"):
+        lq, qq = median_runs(
+            [
+                [str(LLAMA_BIN / "llama-quantize"), str(syn16), str(d / f"syn-llama-{t}.gguf"), t, str(os.cpu_count())],
+                [*QCONV, "quantize", str(syn16), "--format", "gguf", "--gguf-type", t, "--out",
+                 str(d / f"syn-qconv-{t}-fast.gguf"), "--force", "-q", "--opt", "effort=fast"],
+            ],
+            1,
+        )  # fmt: skip
+        speed.append(f"| {t} | fast (1 run) | {lq['wall_s']:.1f} | {qq['wall_s']:.1f} | "
+                     f"{qq['wall_s'] / lq['wall_s']:.2f}× | {lq['peak_rss_mib']:.0f} | "
+                     f"{qq['peak_rss_mib']:.0f} |")  # fmt: skip
 
     return "\n".join(
         [
