@@ -451,25 +451,33 @@ def test_exact_scale_beats_any_scale(grid: str, weighted: bool) -> None:
             assert bool((e <= best_scan * (1 + 1e-5) + 1e-9)[conc].all())
 
 
+@pytest.mark.parametrize("t, ref_div, lo, hi", [(T.Q8_0, 127, -128, 127), (T.Q4_0, -8, -8, 7), (T.Q5_0, -16, -16, 15)])
 @pytest.mark.parametrize("kind", list(DATA))
-def test_q8_0_fast_fit_and_its_error(kind: str, data: dict) -> None:
-    """Q8_0 at effort "fast" (qconv's fastest path): every block at or below the error of llama.cpp's own choice
-    (scale amax/127 in fp16, nearest codes), computed here from its definition; the error statistics formed inside
-    the fit equal error_stats of the dequantized fields; ``fit`` and ``fit_with_error`` give the same fields; the
-    input is not modified; and other types leave the statistics to the caller."""
+def test_sym_fast_fit_and_its_error(kind: str, data: dict, t: T, ref_div: int, lo: int, hi: int) -> None:
+    """Q8_0 (with and without importance), Q4_0 and Q5_0 (without) at effort "fast" (their least-squares path):
+    every block at or below the error of llama.cpp's own choice (scale amax/127, or signed max/−8, −16, in fp16;
+    nearest codes), computed here from its definition; the error statistics formed inside the fit equal error_stats
+    of the dequantized fields; ``fit`` and ``fit_with_error`` give the same fields; the input is not modified; and
+    other types leave the statistics to the caller."""
+
     from qconv.quant.tensor import error_stats
 
     w = _get(data, kind)
     keep = w.clone()
-    for imp in (None, _importance(w.shape[1])):
-        f, stats = gg.fit_with_error(w, T.Q8_0, imp, effort="fast")
+    for imp in (None, _importance(w.shape[1])) if t == T.Q8_0 else (None,):
+        f, stats = gg.fit_with_error(w, t, imp, effort="fast")
         assert torch.equal(w, keep)
-        g = gg.fit(w, T.Q8_0, imp, effort="fast")
+        g = gg.fit(w, t, imp, effort="fast")
         assert torch.equal(f.d, g.d) and torch.equal(f.q, g.q)
+        gb.pack(f)  # fields in range
         deq = gg.dequantize(f, w.numel()).view(w.shape)
         x = w.double().view(-1, 32)
-        r = (x.abs().amax(1, keepdim=True) / 127).to(torch.float16).double()
-        llama = (x / torch.where(r > 0, r, 1)).round().clamp(-128, 127) * r
+        big = x.abs().amax(1, keepdim=True)
+        if ref_div < 0:
+            big = torch.where(x.amax(1, keepdim=True) >= -x.amin(1, keepdim=True), x.amax(1, keepdim=True),
+                              x.amin(1, keepdim=True))  # fmt: skip
+        r = (big / ref_div).to(torch.float16).double()
+        llama = (x / torch.where(r != 0, r, 1)).round().clamp(lo, hi) * r
         wt = torch.ones_like(x)
         if imp is not None:
             wt = imp.double().view(1, -1, 32).expand(w.shape[0], -1, -1).reshape(-1, 32)
@@ -481,7 +489,9 @@ def test_q8_0_fast_fit_and_its_error(kind: str, data: dict) -> None:
         for k in ref:
             assert math.isclose(stats[k], ref[k], rel_tol=1e-4), (k, stats[k], ref[k])
     assert gg.fit_with_error(w[:, :256], T.Q4_K, effort="fast")[1] is None
+    if t != T.Q8_0:  # with importance llama.cpp searches its scales, and so does qconv: no statistics from the fit
+        assert gg.fit_with_error(w, t, _importance(w.shape[1]), effort="fast")[1] is None
     bad = w[:4, :64].clone()
     bad[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        gg.fit(bad, T.Q8_0, effort="fast")
+        gg.fit(bad, t, effort="fast")

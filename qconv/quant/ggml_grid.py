@@ -798,44 +798,54 @@ def _fit_sym_single(
     return d.to(torch.float16).squeeze(0), _blocks(codes)
 
 
-def _q8_0_ls(x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor, ws: _Ws, err: ErrorSums | None) -> torch.Tensor:
-    """Q8_0 at effort "fast", in natural block layout: x float32 [rows, n / 32, 32] (whole rows), w like x or None,
-    codes written into q int8 [rows · n / 32, 32]; returns d float16 [rows · n / 32]. With ``err``, adds this chunk's
+def _sym_ls(
+    x: torch.Tensor, w: torch.Tensor | None, q: torch.Tensor, ws: _Ws, err: ErrorSums | None, t: GGMLType
+) -> torch.Tensor:
+    """Effort "fast" for the one-scale symmetric types (Q8_0, Q4_0, Q5_0), in natural block layout: x float32
+    [rows, n / 32, 32] (whole rows), w like x or None, stored codes written into q [rows · n / 32, 32] (``lv``'s
+    codes, the level plus its zero); returns d float16 [rows · n / 32]. With ``err``, adds this chunk's
     reconstruction error. Raises ValueError for a non-finite weight.
 
-    llama.cpp's scale r = amax / 127 gives codes v = round(x / r); the least-squares scale for those codes, rounded
-    to fp16 (d, the fp16 value nearest the optimum, hence never further from it than r), then the nearest codes for
-    d. Each step can only lower Σ w (x − d·code)² (a quadratic in d for fixed codes; nearest rounding per element
-    for fixed d), so every block ends at or below llama.cpp's own error — with no error evaluated at all, which
-    keeps this to about a dozen passes over the weights.
+    llama.cpp's scale r (amax / ref_div, or the signed largest element / ref_div for a negative ref_div) gives
+    codes v = round(x / r); the least-squares scale for those codes, rounded to fp16 (d, the fp16 value nearest the
+    optimum, hence never further from it than r), then the nearest codes for d. Each step can only lower
+    Σ w (x − d·level)² (a quadratic in d for fixed codes; clamped nearest rounding per element for fixed d), so every
+    block ends at or below llama.cpp's own error — with no error evaluated at all, which keeps this to about a dozen
+    passes over the weights.
 
     Cost notes (2-core CPU, 512K-element chunks): every block-sized temporary comes from ``ws`` (a fresh
     multi-megabyte tensor costs its page faults, several times the arithmetic done on it), and the per-block
-    tensors avoid ``where`` and bool masks (each ~25 µs even on 16K elements, as much as a pass over the chunk).
+    tensors avoid bool masks where they can (``where`` costs ~25 µs even on 16K elements, as much as a pass over
+    the chunk).
     """
+    lv, ref_div, _ = _LS_TYPES[t]
     rows = x.shape[0]
     x, w = x.view(-1, 32), None if w is None else w.view(-1, 32)
     v, prod = ws.get("v", x), ws.get("p", x)
     amax = torch.abs(x, out=prod).amax(1, keepdim=True)
     top = float(amax.max())  # NaN and inf propagate into it: the finiteness check costs no pass of its own
     if not math.isfinite(top):
-        raise ValueError("Q8_0: weights contain NaN or inf")
+        raise ValueError(f"{t.name}: weights contain NaN or inf")
     if top > _X_MAX:
         x.clamp_(-_X_MAX, _X_MAX)
         amax.clamp_(max=_X_MAX)
-    ref = (amax / 127.0).clamp_(max=_FP16_MAX).to(torch.float16).float()
-    torch.mul(x, ref.reciprocal().nan_to_num_(posinf=0.0), out=v).round_()  # r = 0: codes 0
-    if top > 127.0 * _FP16_MAX:  # r saturated at fp16's maximum; otherwise |x / r| <= 127.06 rounds into range
-        v.clamp_(-128, 127)
+    if ref_div > 0:
+        mx = amax
+    else:  # the element of largest magnitude, with its sign (the positive one on a tie)
+        hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+        mx = torch.where(hi >= -lo, hi, lo)
+    ref = (mx / ref_div).clamp_(-_FP16_MAX, _FP16_MAX).to(torch.float16).float()
+    torch.mul(x, ref.reciprocal().nan_to_num_(posinf=0.0, neginf=0.0), out=v).round_().clamp_(lv.lo, lv.hi)
     xv = _wdot_last(w, x, v, prod)
     vv = _wdot_last(w, v, v, prod)
-    # Σ x·v ≥ r·Σ v² / 2 (|x/r − v| ≤ ½ and |v| ≤ v²), so d ≥ r/2; the floor at fp16's smallest subnormal keeps a
-    # non-zero block from a zero scale (and gives a block too small for r its nearest codes on that step).
-    d = xv.div_(vv).nan_to_num_(nan=0.0).clamp_(2.0**-24, _FP16_MAX).to(torch.float16)
+    # |Σ x·v| ≥ |r|·Σ v² / 2 (|x/r − v| ≤ ½ and |v| ≤ v²), so |d| ≥ |r|/2 with r's sign; the floor at fp16's smallest
+    # subnormal keeps a non-zero block from a zero scale (and gives a block too small for r its nearest codes).
+    d_ls = xv.div_(vv).nan_to_num_(nan=0.0)
+    d = torch.copysign(d_ls.abs().clamp_(2.0**-24, _FP16_MAX), d_ls).to(torch.float16)
     df = d.float()
-    torch.mul(x, df.reciprocal(), out=v).round_().clamp_(-128, 127)
-    q.copy_(v)
-    if err is not None:  # the dequantized chunk is code · d in float32, exactly as every reader forms it
+    torch.mul(x, df.reciprocal(), out=v).round_().clamp_(lv.lo, lv.hi)
+    q.copy_(torch.add(v, lv.zero, out=prod) if lv.zero else v)
+    if err is not None:  # the dequantized chunk is level · d in float32, exactly as every reader forms it
         err.add(v.mul_(df).sub_(x).view(rows, -1), x.view(rows, -1))
     return d.squeeze(1)
 
@@ -846,14 +856,15 @@ def _wdot_last(w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: to
     return (out if w is None else out.mul_(w)).sum(-1, keepdim=True)
 
 
-def _fit_q8_0_fast(x: torch.Tensor, wcol: torch.Tensor | None, err: ErrorSums | None) -> Q8_0Fields:
-    """``fit`` for Q8_0 at effort "fast": x [rows, n] (any float dtype; not modified), wcol float32 [n] (the fit's
-    weights) or None. Row chunks that stay in cache, written straight into the result (no per-chunk fields to
-    concatenate); ``err`` collects the reconstruction error."""
+def _fit_sym_ls(x: torch.Tensor, t: GGMLType, wcol: torch.Tensor | None, err: ErrorSums | None) -> BlockFields:
+    """``fit`` at effort "fast" for the types of ``_LS_TYPES``: x [rows, n] (any float dtype; not modified), wcol
+    float32 [n] (the fit's weights) or None. Row chunks that stay in cache, written straight into the result (no
+    per-chunk fields to concatenate); ``err`` collects the reconstruction error."""
+    cls = _LS_TYPES[t][2]
     rows, n = x.shape
     nbpr = n // 32
     d = torch.empty(rows * nbpr, dtype=torch.float16, device=x.device)
-    q = torch.empty(rows * nbpr, 32, dtype=torch.int8, device=x.device)
+    q = torch.empty(rows * nbpr, 32, dtype=_SPECS[t].q_dtype, device=x.device)
     step = max(1, _chunk_elems(x.device) // n)
     ws = _Ws()
     for r0 in range(0, rows, step):
@@ -861,8 +872,8 @@ def _fit_q8_0_fast(x: torch.Tensor, wcol: torch.Tensor | None, err: ErrorSums | 
         xc = ws.empty("x", (r1 - r0, nbpr, 32), x.device)
         xc.copy_(x[r0:r1].view(r1 - r0, nbpr, 32))
         wc = None if wcol is None else ws.empty("w", (r1 - r0, nbpr, 32), x.device).copy_(wcol.view(1, nbpr, 32))
-        d[r0 * nbpr : r1 * nbpr] = _q8_0_ls(xc, wc, q[r0 * nbpr : r1 * nbpr], ws, err)
-    return Q8_0Fields(d=d, q=q)
+        d[r0 * nbpr : r1 * nbpr] = _sym_ls(xc, wc, q[r0 * nbpr : r1 * nbpr], ws, err, t)
+    return cls(d=d, q=q)
 
 
 def _fit_affine_single(
@@ -930,6 +941,13 @@ _LV_Q5_0 = _Levels(0, 31, zero=16)
 _LV_Q3_K = _Levels(0, 7, zero=4)
 _LV_Q6_K = _Levels(0, 63, zero=32)
 _LV_IQ4 = _Levels(0, 15, codebook=KVALUES_IQ4NL)
+# The one-scale symmetric types with an effort-"fast" path of their own (_sym_ls): levels, llama.cpp's reference
+# divisor (of amax when positive, of the signed largest element when negative) and the fields.
+_LS_TYPES: dict[GGMLType, tuple[_Levels, float, type]] = {
+    GGMLType.Q8_0: (_LV_Q8_0, 127.0, Q8_0Fields),
+    GGMLType.Q4_0: (_LV_Q4_0, -8.0, Q4_0Fields),
+    GGMLType.Q5_0: (_LV_Q5_0, -16.0, Q5_0Fields),
+}
 
 # Search effort per type. Wide candidate ranges matter most with importance (a low-importance extreme element is
 # better clipped); the more levels a grid has, the further its extreme element is worth clipping.
@@ -950,13 +968,14 @@ _CFG: dict[GGMLType, _Cfg] = {
 }
 
 
-# effort "fast": about a third of the trials (a quarter for Q4_K; Q8_0: llama.cpp's scale + one least-squares step),
+# effort "fast": about a third of the trials (a quarter for Q4_K; Q8_0 — and Q4_0, Q5_0 without importance, see
+# _CFG_FAST_PLAIN — llama.cpp's scale, one least-squares step and the nearest codes: _sym_ls),
 # still at or below llama.cpp's error on the tests' gaussian, heavy-tailed and real (SmolLM2) weights, with and without
 # importance (tests/ggml_ref.py prints the ratios).
 # Q2_K and Q3_K keep the full search: their error gains over llama.cpp are the smallest and they are cheap anyway.
 _CFG_FAST: dict[GGMLType, _Cfg] = {
     **_CFG,
-    GGMLType.Q8_0: _Cfg(()),  # llama.cpp's scale + one least-squares step: its 8-bit error is tiny already
+    GGMLType.Q8_0: _Cfg(()),  # no candidates: _sym_ls
     GGMLType.Q4_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
     GGMLType.Q5_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
     GGMLType.Q4_1: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), lloyd=1),
@@ -967,6 +986,10 @@ _CFG_FAST: dict[GGMLType, _Cfg] = {
     GGMLType.Q6_K: _Cfg(_span(3, 0.0, 4.0), d_trials=1, lloyd=1, rounds=0),
     GGMLType.IQ4_XS: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
 }
+# Without importance, llama.cpp quantizes Q4_0 / Q5_0 by the plain amax rule, which _sym_ls provably matches or
+# beats at close to Q8_0's cost (1B model, 2 cores: Q4_0 fast 31 s → 13.5 s, llama-quantize 4.5 s); with
+# importance llama.cpp searches its scales, and so does effort "fast" (the _CFG_FAST entries).
+_CFG_FAST_PLAIN: dict[GGMLType, _Cfg] = {**_CFG_FAST, GGMLType.Q4_0: _Cfg(()), GGMLType.Q5_0: _Cfg(())}
 # With importance, the symmetric grids of at most 16 levels also take stage 1's exact optimum (_exact_inv_scale).
 # Measured on SmolLM2's tensors with a WikiText-2 imatrix: weighted error −10 % for Q3_K, −2 % for Q4_0 (−38 % and
 # −10 % on single tensors whose importance sits in a few columns), −0.7 % / −1 % for IQ4_NL / IQ4_XS; KLD of the Q2_K
@@ -1183,12 +1206,12 @@ def _fit(
     if effort == "best" or (effort == "auto" and importance is not None):
         cfgs = _CFG if wcol is None else _CFG_IMP
     else:
-        cfgs = _CFG_FAST
+        cfgs = _CFG_FAST if wcol is not None else _CFG_FAST_PLAIN
     if rows * n == 0:
         return unpack(torch.zeros(0, TYPE_SIZE[t], dtype=torch.uint8, device=x.device), t), None
-    if t == GGMLType.Q8_0 and not cfgs[t].cands:
+    if t in _LS_TYPES and not cfgs[t].cands:
         err = ErrorSums(importance, x.device) if want_error else None
-        fields = _fit_q8_0_fast(x, wcol, err)
+        fields = _fit_sym_ls(x, t, wcol, err)
         return fields, None if err is None else err.stats()
     nbpr, sub = n // bs, spec.sub
     n_sub = bs // sub
