@@ -217,10 +217,12 @@ class _Ws:
         return self.empty(slot, tuple(like.shape), like.device)
 
 
-def _wdot(w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Σ_0 w · a · b (w None meaning all ones), using ``out`` (shaped like a) as scratch."""
+def _wdot(
+    w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, dim: int = 0, keepdim: bool = False
+) -> torch.Tensor:
+    """Σ_dim w · a · b (w None meaning all ones), using ``out`` (shaped like a) as scratch."""
     torch.mul(a, b, out=out)
-    return (out if w is None else out.mul_(w)).sum(0)
+    return (out if w is None else out.mul_(w)).sum(dim, keepdim=keepdim)
 
 
 def _wsum(w: torch.Tensor | None, a: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -251,9 +253,9 @@ def _to_f16_nz(s: torch.Tensor) -> torch.Tensor:
     return torch.where((h == 0) & (s != 0), torch.sign(s) * 2.0**-24, h.float()).to(torch.float16)
 
 
-def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
-    """The element of largest magnitude along dim 0, with its sign (the positive one on a tie). [n, ...] -> [...]."""
-    hi, lo = x.amax(0), x.amin(0)
+def _signed_absmax(x: torch.Tensor, dim: int = 0, keepdim: bool = False) -> torch.Tensor:
+    """The element of largest magnitude along ``dim``, with its sign (the positive one on a tie). [n, ...] -> [...]."""
+    hi, lo = x.amax(dim, keepdim=keepdim), x.amin(dim, keepdim=keepdim)
     return torch.where(hi >= -lo, hi, lo)
 
 
@@ -829,15 +831,11 @@ def _sym_ls(
     if top > _X_MAX:
         x.clamp_(-_X_MAX, _X_MAX)
         amax.clamp_(max=_X_MAX)
-    if ref_div > 0:
-        mx = amax
-    else:  # the element of largest magnitude, with its sign (the positive one on a tie)
-        hi, lo = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
-        mx = torch.where(hi >= -lo, hi, lo)
-    ref = (mx / ref_div).clamp_(-_FP16_MAX, _FP16_MAX).to(torch.float16).float()
+    mx = amax if ref_div > 0 else _signed_absmax(x, dim=1, keepdim=True)
+    ref = _to_f16(mx / ref_div).float()
     torch.mul(x, ref.reciprocal().nan_to_num_(posinf=0.0, neginf=0.0), out=v).round_().clamp_(lv.lo, lv.hi)
-    xv = _wdot_last(w, x, v, prod)
-    vv = _wdot_last(w, v, v, prod)
+    xv = _wdot(w, x, v, prod, dim=1, keepdim=True)
+    vv = _wdot(w, v, v, prod, dim=1, keepdim=True)
     # |Σ x·v| ≥ |r|·Σ v² / 2 (|x/r − v| ≤ ½ and |v| ≤ v²), so |d| ≥ |r|/2 with r's sign; the floor at fp16's smallest
     # subnormal keeps a non-zero block from a zero scale (and gives a block too small for r its nearest codes).
     d_ls = xv.div_(vv).nan_to_num_(nan=0.0)
@@ -848,12 +846,6 @@ def _sym_ls(
     if err is not None:  # the dequantized chunk is level · d in float32, exactly as every reader forms it
         err.add(v.mul_(df).sub_(x).view(rows, -1), x.view(rows, -1))
     return d.squeeze(1)
-
-
-def _wdot_last(w: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Σ w · a · b over the last dim (keepdim), using ``out`` (shaped like a) as scratch."""
-    torch.mul(a, b, out=out)
-    return (out if w is None else out.mul_(w)).sum(-1, keepdim=True)
 
 
 def _fit_sym_ls(x: torch.Tensor, t: GGMLType, wcol: torch.Tensor | None, err: ErrorSums | None) -> BlockFields:
