@@ -166,6 +166,22 @@ def _to_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(t.shape[0], math.prod(t.shape[1:]) * t.element_size())
 
 
+def _word_view(t: torch.Tensor, group: int) -> torch.Tensor | None:
+    """uint8 [nb, k] as int64 words [nb, k / 8], when runs of ``group`` bytes are whole words and t can be viewed so."""
+    if group % 8 or t.shape[1] % 8:
+        return None
+    t = t.contiguous()
+    if t.data_ptr() % 8:
+        return None
+    return t.reshape(-1).view(torch.int64).reshape(t.shape[0], t.shape[1] // 8)
+
+
+def _byte_mask(bits: int) -> int:
+    """The ``bits``-wide low mask repeated in each byte of an int64 (as a signed value)."""
+    m = int.from_bytes(bytes([(1 << bits) - 1]) * 8, "little")
+    return m - (1 << 64) if m >= 1 << 63 else m
+
+
 def _unpack_planes(b: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """Unpack ggml's bit-plane interleaving: uint8 [nb, n_bytes] -> uint8 [nb, n_bytes * 8 // bits].
 
@@ -175,16 +191,36 @@ def _unpack_planes(b: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     masks of Q3_K/Q5_K (group 32), Q5_0's qh and IQ4_XS's scale words (group 1: plain LSB-first packing).
     """
     nb, n_bytes = b.shape
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device).view(-1, 1)
-    planes = (b.reshape(nb, n_bytes // group, 1, group) >> shifts) & ((1 << bits) - 1)
-    return planes.reshape(nb, n_bytes * 8 // bits)
+    per_byte = 8 // bits
+    words = _word_view(b, group)
+    if words is not None:
+        # Eight bytes per op: a shift moves every byte's field down alike, and the byte-replicated mask drops what
+        # crossed in from the byte above (the sign bits included), so a plane is one shift and one AND per word.
+        v = words.reshape(nb, n_bytes // group, 1, group // 8)
+        mask = _byte_mask(bits)
+        planes = [(v >> (s * bits) if s else v) & mask for s in range(per_byte)]
+        return torch.cat(planes, dim=2).view(torch.uint8).reshape(nb, n_bytes * per_byte)
+    v = b.reshape(nb, n_bytes // group, 1, group)
+    # One shift-and-mask per plane, then one concatenation: a single broadcast shift over all planes is 1.2–4×
+    # slower in torch (CPU). The top plane needs no mask.
+    planes = [(v >> s if s else v) & ((1 << bits) - 1) for s in range(0, 8 - bits, bits)] + [v >> (8 - bits)]
+    return torch.cat(planes, dim=2).reshape(nb, n_bytes * per_byte)
 
 
 def _pack_planes(q: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """Inverse of ``_unpack_planes``: values uint8 [nb, n] each < 2**bits -> uint8 [nb, n * bits // 8]."""
     nb, n = q.shape
     per_byte = 8 // bits
-    planes = q.to(torch.uint8).reshape(nb, n // (per_byte * group), per_byte, group)
+    q = q.to(torch.uint8)
+    words = _word_view(q, group)
+    if words is not None:
+        # Every value is below 2**bits, so shifting a word left by s·bits never carries into the next byte.
+        planes = words.reshape(nb, n // (per_byte * group), per_byte, group // 8)
+        packed = planes[:, :, 0].clone()
+        for p in range(1, per_byte):
+            packed |= planes[:, :, p] << (p * bits)
+        return packed.view(torch.uint8).reshape(nb, n // per_byte)
+    planes = q.reshape(nb, n // (per_byte * group), per_byte, group)
     packed = planes[:, :, 0].clone()
     for p in range(1, per_byte):  # disjoint bit ranges of one byte: OR the shifted planes in (no widening)
         packed |= planes[:, :, p] << (p * bits)

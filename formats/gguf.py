@@ -16,12 +16,13 @@ import torch
 from qconv import __version__
 from qconv.errors import InputError
 from qconv.formats.base import FormatWriter, GridRequest, Plan, WriteContext
-from qconv.formats.ggml_blocks import FLOAT_DTYPES, GGMLType, dequantize_blocks, pack, slice_blocks
+from qconv.formats.ggml_blocks import FLOAT_DTYPES, GGMLType, pack, slice_blocks
 from qconv.formats.gguf_meta import gguf_arch, gguf_name, model_kvs, permutation_for, rope_freqs
 from qconv.formats.gguf_mix import FLOAT_TYPES, MixOptions, ModelShape, file_type, named_type, plan_types
 from qconv.formats.gguf_vocab import vocab_kvs
 from qconv.formats.gguf_writer import GV, KV, GGUFTensorSpec, GGUFWriter, string, u32
 from qconv.options import Option
+from qconv.quant.chunks import map_chunks
 from qconv.quant.ggml_grid import EFFORTS
 from qconv.quant.tensor import BlockQuantizedTensor, GGMLGrid
 
@@ -32,13 +33,14 @@ ROW_CHUNK_ELEMS_CPU = 1 << 19
 ROW_CHUNK_ELEMS_ACCEL = 1 << 24
 
 
-def permute_rows(fields, rows: int, perm: torch.Tensor):
-    """Reorder the rows of a tensor's block fields (every field's leading dim is rows × blocks-per-row)."""
+def take_rows(fields, rows: int, idx: torch.Tensor):
+    """The rows ``idx`` (int64 [k], in that order) of a tensor's block fields (every field's leading dim is rows ×
+    blocks-per-row)."""
     out = {}
     for f in dataclasses.fields(fields):
         t = getattr(fields, f.name)
         nb = t.shape[0]
-        out[f.name] = t.reshape(rows, nb // rows, *t.shape[1:])[perm].reshape(t.shape)
+        out[f.name] = t.reshape(rows, nb // rows, *t.shape[1:])[idx].reshape(-1, *t.shape[1:])
     return type(fields)(**out)
 
 
@@ -225,22 +227,27 @@ class GGUFFormat(FormatWriter):
             raise RuntimeError(f"{name}: quantized as {qt.grid.name}, planned {GGMLType(t).name}")
         rows, n = qt.shape
         fields = qt.fields
-        perm = self._perm(name, rows)
-        if perm is not None:
-            fields = permute_rows(fields, rows, perm)
+        perm = self._perm(name, rows)  # llama.cpp's q/k row order: each piece gathers its rows
         # Large tensors (embeddings, output matrices) are dequantized, packed, verified and written in row chunks:
         # whole, their float32 copies alone would take several times a decoder layer's memory.
         nbpr = fields.n_blocks // max(rows, 1)
-        on_cpu = next(v for v in vars(fields).values() if isinstance(v, torch.Tensor)).device.type == "cpu"
+        device = next(v for v in vars(fields).values() if isinstance(v, torch.Tensor)).device
+        on_cpu = device.type == "cpu"
         chunk = ROW_CHUNK_ELEMS_CPU if on_cpu else ROW_CHUNK_ELEMS_ACCEL
         step = max(1, chunk // max(n, 1)) if rows * n > chunk else max(rows, 1)
-        for r0 in range(0, max(rows, 1), step):
+
+        def piece(r0: int) -> torch.Tensor:
             r1 = min(rows, r0 + step)
-            part = fields if step >= rows else slice_blocks(fields, r0 * nbpr, r1 * nbpr)
-            expected = dequantize_blocks(part).reshape(r1 - r0, n)
+            if perm is not None:
+                part = take_rows(fields, rows, perm[r0:r1])
+            else:
+                part = fields if step >= rows else slice_blocks(fields, r0 * nbpr, r1 * nbpr)
             raw = pack(part).reshape(-1)
-            last = r1 >= rows
-            self.verifier.check(g, "ggml", expected, count=last, raw=raw, ggml_type=int(t), shape=(r1 - r0, n))
+            self.verifier.check_ggml(g, part, raw, (r1 - r0, n), count=r1 >= rows)
+            return raw
+
+        # Pieces are prepared side by side (CPU) and written in order.
+        for raw in map_chunks(piece, range(0, max(rows, 1), step), device):
             self._writer.write(g, raw, part=step < rows)
 
     def write_dense(self, name: str, tensor: torch.Tensor) -> None:

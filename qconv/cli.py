@@ -552,6 +552,9 @@ def run() -> None:
         if code is not None:
             print(code, file=sys.stderr)
         code = 0 if code is None else 1
+    chunks = sys.modules.get("qconv.quant.chunks")
+    if chunks is not None:
+        chunks.shutdown()  # its idle worker threads would wait for work forever
     for t in threading.enumerate():
         if t is not threading.main_thread() and not t.daemon:
             t.join()

@@ -128,6 +128,7 @@ def _main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timing: best of this many runs")
     ap.add_argument("--quality-only", action="store_true")
     ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--effort", default="best", choices=gg.EFFORTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     types = [GGMLType[t] for t in args.types.split(",")]
@@ -139,7 +140,7 @@ def _main() -> None:
         heavy = torch.randn(rows, n, generator=g) / torch.rand(rows, n, generator=g).clamp_min(1e-3).sqrt()
         data = {"gaussian": torch.randn(rows, n, generator=g), "heavy": heavy, "real": real}
         imp = torch.randn(n, generator=g).exp()
-        print(f"error ratio qconv / llama.cpp on [{rows}, {n}] (plain | with importance)")
+        print(f"error ratio qconv (effort {args.effort}) / llama.cpp on [{rows}, {n}] (plain | with importance)")
         print(f"{'type':7s} " + " ".join(f"{k:>17s}" for k in data))
         for t in types:
             cells = []
@@ -147,7 +148,7 @@ def _main() -> None:
                 r = []
                 for im in (None, imp):
                     ref = gg.weighted_error(w, unpack(quantize(w, t, im), t), im)
-                    r.append(gg.weighted_error(w, gg.fit(w, t, im), im) / ref)
+                    r.append(gg.weighted_error(w, gg.fit(w, t, im, effort=args.effort), im) / ref)
                 cells.append(f"{r[0]:.3f} | {r[1]:.3f}")
             print(f"{t.name:7s} " + " ".join(f"{c:>17s}" for c in cells), flush=True)
 
@@ -167,7 +168,7 @@ def _main() -> None:
         for t in types:
             cells = []
             for im in (None, imp):
-                ours = best_of(lambda im=im, t=t: gg.fit(w, t, im))
+                ours = best_of(lambda im=im, t=t: gg.fit(w, t, im, effort=args.effort))
                 ref = best_of(lambda im=im, t=t: quantize(w, t, im))
                 cells.append(f"{ours:6.2f} / {ref:5.2f} (x{ours / ref:4.1f})")
             print(f"{t.name:7s} plain {cells[0]}   importance {cells[1]}", flush=True)

@@ -218,6 +218,24 @@ def test_verifier_runs_the_ggml_kernel_and_catches_bad_bytes(t, device):
     assert v.checked == 1
 
 
+@pytest.mark.parametrize("t", [T.Q4_0, T.Q6_K, T.Q8_0, T.IQ4_XS], ids=lambda t: t.name)
+def test_verifier_ggml_fields_path_catches_bad_bytes(t):
+    """On the reference path the GGUF writer's check unpacks the bytes and compares every field bit for bit."""
+    from qconv.formats.ggml_blocks import unpack
+
+    raw, _, shape = layout_case(t)
+    fields = unpack(raw.reshape(-1, TYPE_SIZE[t]), t)
+    v = verify.Verifier("reference")
+    v.check_ggml("blk.0.ffn_down.weight", fields, raw, shape)
+    assert v.paths == {"reference"} and v.checked == 1
+    for byte, bit in [(0, 0), (TYPE_SIZE[t] - 1, 3), (5 * TYPE_SIZE[t] + 9, 6)]:
+        bad = raw.clone()
+        bad[byte] ^= 1 << bit
+        with pytest.raises(VerificationError, match=r"^blk\.3\.attn_q\.weight: packed ggml layout .* field .* differ"):
+            v.check_ggml("blk.3.attn_q.weight", fields, bad, shape)
+    assert v.checked == 1
+
+
 def test_verifier_ggml_reference_path():
     raw, expected, shape = layout_case(T.IQ4_XS)
     v = verify.Verifier("reference")

@@ -82,6 +82,7 @@ from qconv.formats.ggml_blocks import (
     dequantize_blocks,
     unpack,
 )
+from qconv.quant.chunks import map_chunks, thread_local
 from qconv.quant.finite import count_nonfinite
 from qconv.quant.tensor import ErrorSums
 
@@ -145,14 +146,14 @@ def _codebook_tables(codebook: tuple[int, ...], device: torch.device) -> tuple[i
     The nearest entry to y is the number of midpoints (v[j-1] + v[j]) / 2 that y reaches. All doubled midpoints are
     integers, so ``2y >= mid2`` is the same test as ``floor(2y) >= mid2``: a table indexed by floor(2y) (clamped to
     the span of the midpoints) gives the index directly. Ties go up, as in llama.cpp's best_index_int8.
-    Returns (offset, idx_table int64, value_table float32) with index = clamp(floor(2y), ...) - offset.
+    Returns (offset, idx_table uint8, value_table float32) with index = clamp(floor(2y), ...) - offset.
     """
     mids = [codebook[j - 1] + codebook[j] for j in range(1, len(codebook))]
     k_lo, k_hi = mids[0] - 1, mids[-1]
     ks = torch.arange(k_lo, k_hi + 1, dtype=torch.float64)
     idx = (ks[:, None] >= torch.tensor(mids, dtype=torch.float64)[None, :]).sum(1)
     vals = torch.tensor(codebook, dtype=torch.float32)[idx]
-    return k_lo, idx.to(device), vals.to(device)
+    return k_lo, idx.to(device=device, dtype=torch.uint8), vals.to(device)
 
 
 def _levels_of(y: torch.Tensor, lv: _Levels) -> torch.Tensor:
@@ -164,14 +165,19 @@ def _levels_of(y: torch.Tensor, lv: _Levels) -> torch.Tensor:
     return vals.take(k)
 
 
-def _codes_of(y: torch.Tensor, lv: _Levels, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Nearest stored codes (same shape; ``dtype`` on uniform grids, int64 on codebooks) for y in level units. y is
-    consumed."""
+def _small_u8(y: torch.Tensor) -> torch.Tensor:
+    """Float integers in [0, 127] -> uint8, through int8: torch's direct float→uint8 cast is ~8× slower (CPU)."""
+    return y.to(torch.int8).view(torch.uint8)
+
+
+def _codes_of(y: torch.Tensor, lv: _Levels, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Nearest stored codes (same shape, ``dtype``) for y in level units. y is consumed."""
     if lv.codebook is None:
-        return y.round_().clamp_(lv.lo, lv.hi).add_(lv.zero).to(dtype)
+        y = y.round_().clamp_(lv.lo, lv.hi).add_(lv.zero)
+        return _small_u8(y) if dtype == torch.uint8 and lv.code_hi <= 127 else y.to(dtype)
     k_lo, idx, _ = _codebook_tables(lv.codebook, y.device)
     k = y.mul_(2).floor_().clamp_(k_lo, k_lo + idx.numel() - 1).sub_(k_lo).long()
-    return idx.take(k)
+    return idx.take(k).to(dtype)
 
 
 def _code_values(codes: torch.Tensor, lv: _Levels) -> torch.Tensor:
@@ -320,6 +326,8 @@ class _Cfg:
     shifts: tuple[float, ...] = (0.0,)  # stage 1, affine grids: bottom clipping, in level spacings
     d_trials: int = 1  # stage 2: super-block scales tried around the first one, 1/128 apart
     exact: bool = False  # stage 1, symmetric grids: the exact optimum (_exact_inv_scale) is a trial too
+    sub_cands: tuple[float, ...] = _C_SUB  # stage 2: candidates of the super-block scale's first rounding
+    wide_end: bool = False  # stage 1, symmetric grids: the largest element goes to the wider end level only
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -445,6 +453,7 @@ def _fit_sym(
     n_lloyd: int,
     ws: _Ws,
     exact: bool = False,
+    wide_end: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale s minimising Σ_0 w (x − s·level)² with nearest levels, for every position of dims 1..
 
@@ -469,7 +478,10 @@ def _fit_sym(
         # (Σw v² = 0 only when every v is 0, and then Σw x v = 0 as well.)
         best.update(sxv.square_().div_(svv.clamp_(min=1e-30)).neg_(), iscale)
 
-    for anchor, step in lv.anchors():
+    anchors = lv.anchors()
+    if wide_end:
+        anchors = [max(anchors, key=lambda a: abs(a[0]))]
+    for anchor, step in anchors:
         for t in cands:
             trial((anchor + t * step) * inv_mx)
     if exact and w is not None:
@@ -575,12 +587,14 @@ def _fit_affine(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _round_subscales(s: torch.Tensor, sens: torch.Tensor, lo: int, hi: int, ws: _Ws) -> torch.Tensor:
+def _round_subscales(
+    s: torch.Tensor, sens: torch.Tensor, lo: int, hi: int, cands: tuple[float, ...], ws: _Ws
+) -> torch.Tensor:
     """Super-block scale d for sub-block scales s [S, B] stored as integers in [lo, hi]: min Σ_j sens_j (s_j − d·k_j)².
 
-    Stage 1's search again, over the S sub-block scales of each block. Returns d [B] (float32).
+    Stage 1's search again (``cands``), over the S sub-block scales of each block. Returns d [B] (float32).
     """
-    d, _ = _fit_sym(s, sens, _Levels(lo, hi), _C_SUB, 2, ws)
+    d, _ = _fit_sym(s, sens, _Levels(lo, hi), cands, 2, ws)
     return d
 
 
@@ -773,9 +787,15 @@ def _blocks(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _fit_sym_single(
-    x: torch.Tensor, w: torch.Tensor | None, lv: _Levels, cfg: _Cfg, ref_div: float | None, ws: _Ws
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    lv: _Levels,
+    cfg: _Cfg,
+    ref_div: float | None,
+    ws: _Ws,
+    q_dtype: torch.dtype = torch.uint8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fp16 scale per block: value = d·level. x [n, 1, B] -> (d float16 [B], codes int64 [B, n]).
+    """One fp16 scale per block: value = d·level. x [n, 1, B] -> (d float16 [B], codes ``q_dtype`` [B, n]).
 
     ``ref_div``: llama.cpp's reference choice, d = (signed max) / ref_div (amax / ref_div when positive), which a
     block keeps where it is at least as good.
@@ -796,7 +816,7 @@ def _fit_sym_single(
         ref = _to_f16((mx if ref_div < 0 else mx.abs()) / ref_div).float()
         best.update(_sq_err_sym(x, w, ref, lv, buf, prod), ref)
     d = best.payload[0]
-    codes = _codes_of(x * _safe_inv(d), lv)
+    codes = _codes_of(x * _safe_inv(d), lv, q_dtype)
     return d.to(torch.float16).squeeze(0), _blocks(codes)
 
 
@@ -824,14 +844,14 @@ def _sym_ls(
     rows = x.shape[0]
     x, w = x.view(-1, 32), None if w is None else w.view(-1, 32)
     v, prod = ws.get("v", x), ws.get("p", x)
-    amax = torch.abs(x, out=prod).amax(1, keepdim=True)
-    top = float(amax.max())  # NaN and inf propagate into it: the finiteness check costs no pass of its own
+    # The reference scale's block statistic: amax, or the signed largest element (whose magnitude is amax)
+    mx = torch.abs(x, out=prod).amax(1, keepdim=True) if ref_div > 0 else _signed_absmax(x, dim=1, keepdim=True)
+    top = float(mx.abs().max())  # NaN and inf propagate into it: the finiteness check costs no pass of its own
     if not math.isfinite(top):
         raise ValueError(f"{t.name}: weights contain NaN or inf")
     if top > _X_MAX:
         x.clamp_(-_X_MAX, _X_MAX)
-        amax.clamp_(max=_X_MAX)
-    mx = amax if ref_div > 0 else _signed_absmax(x, dim=1, keepdim=True)
+        mx.clamp_(-_X_MAX, _X_MAX)
     ref = _to_f16(mx / ref_div).float()
     torch.mul(x, ref.reciprocal().nan_to_num_(posinf=0.0, neginf=0.0), out=v).round_().clamp_(lv.lo, lv.hi)
     xv = _wdot(w, x, v, prod, dim=1, keepdim=True)
@@ -842,7 +862,9 @@ def _sym_ls(
     d = torch.copysign(d_ls.abs().clamp_(2.0**-24, _FP16_MAX), d_ls).to(torch.float16)
     df = d.float()
     torch.mul(x, df.reciprocal(), out=v).round_().clamp_(lv.lo, lv.hi)
-    q.copy_(torch.add(v, lv.zero, out=prod) if lv.zero else v)
+    q.view(torch.int8).copy_(v)  # levels fit int8; float→int8 is the fast cast (see _small_u8)
+    if lv.zero:
+        q.add_(lv.zero)  # wraps to the stored codes (uint8)
     if err is not None:  # the dequantized chunk is level · d in float32, exactly as every reader forms it
         err.add(v.mul_(df).sub_(x).view(rows, -1), x.view(rows, -1))
     return d.squeeze(1)
@@ -858,20 +880,27 @@ def _fit_sym_ls(x: torch.Tensor, t: GGMLType, wcol: torch.Tensor | None, err: Er
     d = torch.empty(rows * nbpr, dtype=torch.float16, device=x.device)
     q = torch.empty(rows * nbpr, 32, dtype=_SPECS[t].q_dtype, device=x.device)
     step = max(1, _chunk_elems(x.device) // n)
-    ws = _Ws()
-    for r0 in range(0, rows, step):
+    wss = thread_local(_Ws)
+
+    def one(r0: int) -> ErrorSums | None:
+        ws, part = wss.get(), None if err is None else err.empty()
         r1 = min(rows, r0 + step)
         xc = ws.empty("x", (r1 - r0, nbpr, 32), x.device)
         xc.copy_(x[r0:r1].view(r1 - r0, nbpr, 32))
         wc = None if wcol is None else ws.empty("w", (r1 - r0, nbpr, 32), x.device).copy_(wcol.view(1, nbpr, 32))
-        d[r0 * nbpr : r1 * nbpr] = _sym_ls(xc, wc, q[r0 * nbpr : r1 * nbpr], ws, err, t)
+        d[r0 * nbpr : r1 * nbpr] = _sym_ls(xc, wc, q[r0 * nbpr : r1 * nbpr], ws, part, t)
+        return part
+
+    for part in map_chunks(one, range(0, rows, step), x.device):
+        if part is not None:
+            err.merge(part)
     return cls(d=d, q=q)
 
 
 def _fit_affine_single(
     x: torch.Tensor, w: torch.Tensor | None, nmax: int, cfg: _Cfg, ws: _Ws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp16 d and m per block: value = d·q + m, q in 0..nmax. x [n, 1, B] -> (d, m float16 [B], q int64 [B, n])."""
+    """fp16 d and m per block: value = d·q + m, q in 0..nmax. x [n, 1, B] -> (d, m float16 [B], q uint8 [B, n])."""
     buf, prod = ws.get("a", x), ws.get("b", x)
     s, b, _, sw = _fit_affine(x, w, nmax, cfg.cands, cfg.lloyd, False, ws, cfg.shifts)
 
@@ -896,15 +925,15 @@ def _fit_affine_single(
     best.update(err_of(d_ref, m_ref), d_ref, m_ref)
     d, m = best.payload
     q = torch.sub(x, m).mul_(_safe_inv(d)).round_().clamp_(0, nmax)
-    return d.to(torch.float16).squeeze(0), m.to(torch.float16).squeeze(0), _blocks(q.long())
+    return d.to(torch.float16).squeeze(0), m.to(torch.float16).squeeze(0), _blocks(_small_u8(q))
 
 
 def _fit_sym_k(
     x: torch.Tensor, w: torch.Tensor | None, lv: _Levels, lo: int, hi: int, cfg: _Cfg, ws: _Ws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q3_K / Q6_K / IQ4_XS: value = (d·sc_j)·level. x [n, S, B] -> (d16 [B], sc int64 [B, S], codes [B, S·n])."""
-    s, svv = _fit_sym(x, w, lv, cfg.cands, cfg.lloyd, ws, cfg.exact)
-    d = _round_subscales(s, svv, lo, hi, ws)
+    """Q3_K / Q6_K / IQ4_XS: value = (d·sc_j)·level. x [n, S, B] -> (d16 [B], sc int64 [B, S], codes uint8 [B, S·n])."""
+    s, svv = _fit_sym(x, w, lv, cfg.cands, cfg.lloyd, ws, cfg.exact, cfg.wide_end)
+    d = _round_subscales(s, svv, lo, hi, cfg.sub_cands, ws)
     d16, sc = _refine_sym_k(x, w, s, d, lv, lo, hi, cfg, ws)
     codes = _codes_of(x * _safe_inv(d16.float() * sc), lv)
     return d16, sc.long().T.contiguous(), _blocks(codes)
@@ -913,14 +942,14 @@ def _fit_sym_k(
 def _fit_affine_k(
     x: torch.Tensor, w: torch.Tensor | None, nmax: int, sc_max: int, cfg: _Cfg, ws: _Ws
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q2_K / Q4_K / Q5_K. x [n, S, B] -> (d16, dmin16 [B], sc, m int64 [B, S], q int64 [B, S·n])."""
+    """Q2_K / Q4_K / Q5_K. x [n, S, B] -> (d16, dmin16 [B], sc, m int64 [B, S], q uint8 [B, S·n])."""
     s, b, sqq, sw = _fit_affine(x, w, nmax, cfg.cands, cfg.lloyd, True, ws, cfg.shifts)
     mn = -b
-    d = _round_subscales(s, sqq, 0, sc_max, ws)
-    dm = _round_subscales(mn, sw.expand_as(mn), 0, sc_max, ws)
+    d = _round_subscales(s, sqq, 0, sc_max, cfg.sub_cands, ws)
+    dm = _round_subscales(mn, sw.expand_as(mn), 0, sc_max, cfg.sub_cands, ws)
     d16, dm16, sc, m = _refine_affine_k(x, w, s, mn, d, dm, nmax, sc_max, cfg, ws)
     q = (x + dm16.float() * m).mul_(_safe_inv(d16.float() * sc)).round_().clamp_(0, nmax)
-    return d16, dm16, sc.long().T.contiguous(), m.long().T.contiguous(), _blocks(q.long())
+    return d16, dm16, sc.long().T.contiguous(), m.long().T.contiguous(), _blocks(_small_u8(q))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -963,11 +992,14 @@ _CFG: dict[GGMLType, _Cfg] = {
 # effort "fast": about a third of the trials (a quarter for Q4_K; Q8_0 — and Q4_0, Q5_0 without importance, see
 # _CFG_FAST_PLAIN — llama.cpp's scale, one least-squares step and the nearest codes: _sym_ls),
 # still at or below llama.cpp's error on the tests' gaussian, heavy-tailed and real (SmolLM2) weights, with and without
-# importance (tests/ggml_ref.py prints the ratios).
-# Q2_K and Q3_K keep the full search: their error gains over llama.cpp are the smallest and they are cheap anyway.
+# importance (`python tests/ggml_ref.py --effort fast` prints the ratios and the fitting times).
+# Q3_K keeps the full search with importance (its margin over llama.cpp is the smallest there).
 _CFG_FAST: dict[GGMLType, _Cfg] = {
     **_CFG,
     GGMLType.Q8_0: _Cfg(()),  # no candidates: _sym_ls
+    # Gaussian / heavy-tailed / SmolLM2 [576, 1536], error ÷ llama.cpp's: 0.78 / 0.64 / 0.78 (full search 0.76 /
+    # 0.62 / 0.76), with importance 0.92 / 0.83 / 0.92 (0.90 / 0.81 / 0.90); fitting time 0.58× llama.cpp's (2.1×).
+    GGMLType.Q2_K: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), rounds=0, spread=1, d_trials=1, lloyd=1),
     GGMLType.Q4_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
     GGMLType.Q5_0: _Cfg(_span(4, -1.0, 2.0), lloyd=1),
     GGMLType.Q4_1: _Cfg(_span(4, -1.0, 2.0), shifts=(0.0, 1.0), lloyd=1),
@@ -981,7 +1013,15 @@ _CFG_FAST: dict[GGMLType, _Cfg] = {
 # Without importance, llama.cpp quantizes Q4_0 / Q5_0 by the plain amax rule, which _sym_ls provably matches or
 # beats at close to Q8_0's cost (1B model, 2 cores: Q4_0 fast 31 s → 13.5 s, llama-quantize 4.5 s); with
 # importance llama.cpp searches its scales, and so does effort "fast" (the _CFG_FAST entries).
-_CFG_FAST_PLAIN: dict[GGMLType, _Cfg] = {**_CFG_FAST, GGMLType.Q4_0: _Cfg(()), GGMLType.Q5_0: _Cfg(())}
+# Q3_K without importance: two trials with the largest element at the wide end (−4), error ÷ llama.cpp's 0.94 / 0.96 /
+# 0.94 (full search 0.93 / 0.96 / 0.93), fitting time 1.4× llama.cpp's (2.4×); with importance that search would
+# end above llama.cpp's (1.04).
+_CFG_FAST_PLAIN: dict[GGMLType, _Cfg] = {
+    **_CFG_FAST,
+    GGMLType.Q4_0: _Cfg(()),
+    GGMLType.Q5_0: _Cfg(()),
+    GGMLType.Q3_K: _Cfg((0.0, 1.0), rounds=0, lloyd=1, wide_end=True),
+}
 # With importance, the symmetric grids of at most 16 levels also take stage 1's exact optimum (_exact_inv_scale).
 # Measured on SmolLM2's tensors with a WikiText-2 imatrix: weighted error −10 % for Q3_K, −2 % for Q4_0 (−38 % and
 # −10 % on single tensors whose importance sits in a few columns), −0.7 % / −1 % for IQ4_NL / IQ4_XS; KLD of the Q2_K
@@ -1021,8 +1061,8 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_q8_0(x, w, ws, cfgs=_CFG):
-    d, q = _fit_sym_single(x, w, _LV_Q8_0, cfgs[GGMLType.Q8_0], 127.0, ws)
-    return Q8_0Fields(d=d, q=q.to(torch.int8))
+    d, q = _fit_sym_single(x, w, _LV_Q8_0, cfgs[GGMLType.Q8_0], 127.0, ws, torch.int8)
+    return Q8_0Fields(d=d, q=q)
 
 
 def _chunk_q4_0(x, w, ws, cfgs=_CFG):
@@ -1210,16 +1250,18 @@ def _fit(
     # Working layout [sub, n_sub, blocks] (see "Working layout" above); the weights of one row of blocks likewise.
     wrow = None if wcol is None else wcol.reshape(nbpr, n_sub, sub).permute(2, 1, 0)
     rows_per_chunk = max(1, _chunk_elems(x.device) // n)
-    ws = _Ws()
-    parts = []
-    for r0 in range(0, rows, rows_per_chunk):
-        xc = x[r0 : r0 + rows_per_chunk].to(torch.float32)
-        if count_nonfinite(xc):
-            raise ValueError(f"{t.name}: weights contain NaN or inf")
+    wss = thread_local(_Ws)
+
+    def one(r0: int) -> BlockFields:
+        ws = wss.get()
+        xc = x[r0 : r0 + rows_per_chunk]
         r = xc.shape[0]
         shape = (sub, n_sub, r * nbpr)
         xt = ws.empty("x", shape, x.device)
+        # Widened to float32 in the same pass that reorders (no float32 copy of the chunk in between)
         xt.view(sub, n_sub, r, nbpr).copy_(xc.reshape(r, nbpr, n_sub, sub).permute(3, 2, 0, 1))
+        if count_nonfinite(xt):
+            raise ValueError(f"{t.name}: weights contain NaN or inf")
         # No type reaches past ~1.3e8 (fp16 scale × largest level); clamping far beyond that keeps every square and
         # product below float32's range without changing what can be represented.
         xt.clamp_(-_X_MAX, _X_MAX)
@@ -1235,14 +1277,15 @@ def _fit(
             # first two dims are a block's elements
             wt = torch.square(xt, out=ws.empty("w", shape, x.device))
             wt.div_(wt.mean(dim=(0, 1), keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny)).add_(1.0)
-            wt.pow_(power)
+            wt.sqrt_() if power == 0.5 else wt.pow_(power)
             if wrow is not None:
                 wt.view(sub, n_sub, r, nbpr).mul_(wrow.unsqueeze(2))
         elif wrow is not None:
             wt = ws.empty("w", shape, x.device)
             wt.view(sub, n_sub, r, nbpr).copy_(wrow.unsqueeze(2).expand(sub, n_sub, r, nbpr))
-        parts.append(spec.fit_chunk(xt, wt, ws, cfgs))
-    return _concat_fields(parts), None
+        return spec.fit_chunk(xt, wt, ws, cfgs)
+
+    return _concat_fields(list(map_chunks(one, range(0, rows, rows_per_chunk), x.device))), None
 
 
 def fit(
@@ -1358,7 +1401,7 @@ def grid_codes(w_cols: torch.Tensor, g: ElementGrid, cols: slice) -> torch.Tenso
     x = w_cols.detach().to(device=g.scale.device, dtype=torch.float32)
     if g.offset is not None:
         x = x - g.offset[:, cols]
-    return _codes_of(x * _safe_inv(g.scale[:, cols]), g.levels).to(g.q_dtype)
+    return _codes_of(x * _safe_inv(g.scale[:, cols]), g.levels, g.q_dtype)
 
 
 def grid_values(codes: torch.Tensor, g: ElementGrid, cols: slice) -> torch.Tensor:

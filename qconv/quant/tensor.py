@@ -178,6 +178,20 @@ class ErrorSums:
             self.num += float(diff.square_().mv(self.imp).sum())
             self.den += float(w.square().mv(self.imp).sum())  # not in place: w may be the caller's own weights
 
+    def empty(self) -> ErrorSums:
+        """A zeroed accumulator of the same kind, for one chunk of work running beside others (``merge`` them back
+        in chunk order and the sums are the same as one accumulator's, bit for bit)."""
+        e = ErrorSums(None)
+        e.imp = self.imp
+        return e
+
+    def merge(self, other: ErrorSums) -> None:
+        self.dd += other.dd
+        self.ww += other.ww
+        self.num += other.num
+        self.den += other.den
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+
     def stats(self) -> dict[str, float]:
         out = {"rel_mse": self.dd / max(self.ww, 1e-30), "max_abs_err": max(-self.lo, self.hi)}
         if self.imp is not None:
