@@ -176,10 +176,10 @@ def _word_view(t: torch.Tensor, group: int) -> torch.Tensor | None:
     return t.reshape(-1).view(torch.int64).reshape(t.shape[0], t.shape[1] // 8)
 
 
-def _byte_mask(bits: int) -> int:
-    """The ``bits``-wide low mask repeated in each byte of an int64 (as a signed value)."""
-    m = int.from_bytes(bytes([(1 << bits) - 1]) * 8, "little")
-    return m - (1 << 64) if m >= 1 << 63 else m
+def _byte_mask(bits: int, width: int) -> int:
+    """The ``bits``-wide low mask repeated in each byte of a ``width``-byte integer (int64's as a signed value)."""
+    m = int.from_bytes(bytes([(1 << bits) - 1]) * width, "little")
+    return m - (1 << 64) if width == 8 and m >= 1 << 63 else m
 
 
 def _unpack_planes(b: torch.Tensor, group: int, bits: int) -> torch.Tensor:
@@ -192,19 +192,16 @@ def _unpack_planes(b: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     """
     nb, n_bytes = b.shape
     per_byte = 8 // bits
-    words = _word_view(b, group)
-    if words is not None:
-        # Eight bytes per op: a shift moves every byte's field down alike, and the byte-replicated mask drops what
-        # crossed in from the byte above (the sign bits included), so a plane is one shift and one AND per word.
-        v = words.reshape(nb, n_bytes // group, 1, group // 8)
-        mask = _byte_mask(bits)
-        planes = [(v >> (s * bits) if s else v) & mask for s in range(per_byte)]
-        return torch.cat(planes, dim=2).view(torch.uint8).reshape(nb, n_bytes * per_byte)
-    v = b.reshape(nb, n_bytes // group, 1, group)
-    # One shift-and-mask per plane, then one concatenation: a single broadcast shift over all planes is 1.2–4×
-    # slower in torch (CPU). The top plane needs no mask.
-    planes = [(v >> s if s else v) & ((1 << bits) - 1) for s in range(0, 8 - bits, bits)] + [v >> (8 - bits)]
-    return torch.cat(planes, dim=2).reshape(nb, n_bytes * per_byte)
+    # Where runs are whole int64 words, eight bytes go per op: a shift moves every byte's field down alike and the
+    # byte-replicated mask drops what crossed in from the byte above (sign bits included). One shift-and-mask per
+    # plane, then one concatenation: a single broadcast shift over all planes is 1.2–4× slower in torch (CPU).
+    v, width = _word_view(b, group), 8
+    if v is None:
+        v, width = b, 1
+    v = v.reshape(nb, n_bytes // group, 1, group // width)
+    mask = _byte_mask(bits, width)
+    planes = [(v >> (s * bits) if s else v) & mask for s in range(per_byte)]
+    return torch.cat(planes, dim=2).view(torch.uint8).reshape(nb, n_bytes * per_byte)
 
 
 def _pack_planes(q: torch.Tensor, group: int, bits: int) -> torch.Tensor:
@@ -212,19 +209,15 @@ def _pack_planes(q: torch.Tensor, group: int, bits: int) -> torch.Tensor:
     nb, n = q.shape
     per_byte = 8 // bits
     q = q.to(torch.uint8)
-    words = _word_view(q, group)
-    if words is not None:
-        # Every value is below 2**bits, so shifting a word left by s·bits never carries into the next byte.
-        planes = words.reshape(nb, n // (per_byte * group), per_byte, group // 8)
-        packed = planes[:, :, 0].clone()
-        for p in range(1, per_byte):
-            packed |= planes[:, :, p] << (p * bits)
-        return packed.view(torch.uint8).reshape(nb, n // per_byte)
-    planes = q.reshape(nb, n // (per_byte * group), per_byte, group)
+    # Every value is below 2**bits: shifting a byte, or a word of eight, left by p·bits never carries across bytes.
+    v, width = _word_view(q, group), 8
+    if v is None:
+        v, width = q, 1
+    planes = v.reshape(nb, n // (per_byte * group), per_byte, group // width)
     packed = planes[:, :, 0].clone()
-    for p in range(1, per_byte):  # disjoint bit ranges of one byte: OR the shifted planes in (no widening)
+    for p in range(1, per_byte):  # disjoint bit ranges of each byte: OR the shifted planes in
         packed |= planes[:, :, p] << (p * bits)
-    return packed.reshape(nb, n // per_byte)
+    return packed.view(torch.uint8).reshape(nb, n // per_byte)
 
 
 def _unpack_k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,9 +72,13 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality of two tensors of one dtype and shape (NaN payloads and signed zeros included)."""
-    a8, b8 = a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)
+    a8, b8 = _bytes(a), _bytes(b)
     if a.device.type == b.device.type == "cpu":
         return bool(np.array_equal(a8.numpy(), b8.numpy()))
     return torch.equal(a8, b8)
@@ -158,16 +162,15 @@ class Verifier:
             have = getattr(got, key)
             if not isinstance(want, torch.Tensor):
                 continue
-            if have.shape != want.shape or have.dtype != want.dtype or not _same_bits(have, want):
-                detail = (
-                    f"{have.dtype} {list(have.shape)} vs {want.dtype} {list(want.shape)}"
-                    if have.shape != want.shape or have.dtype != want.dtype
-                    else f"{int((have.reshape(-1).view(torch.uint8) != want.reshape(-1).view(torch.uint8)).sum())} "
-                    "bytes differ"
-                )
-                raise VerificationError(
-                    f"{name}: packed ggml layout does not unpack to the method's {t.name} field {key} ({detail})"
-                )
+            if have.shape != want.shape or have.dtype != want.dtype:
+                detail = f"{have.dtype} {list(have.shape)} vs {want.dtype} {list(want.shape)}"
+            elif not _same_bits(have, want):
+                detail = f"{int((_bytes(have) != _bytes(want)).sum())} bytes differ"
+            else:
+                continue
+            raise VerificationError(
+                f"{name}: packed ggml layout does not unpack to the method's {t.name} field {key} ({detail})"
+            )
         with self._lock:
             self.seconds += time.perf_counter() - t0
             self.checked += int(count)

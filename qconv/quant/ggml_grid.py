@@ -326,7 +326,6 @@ class _Cfg:
     shifts: tuple[float, ...] = (0.0,)  # stage 1, affine grids: bottom clipping, in level spacings
     d_trials: int = 1  # stage 2: super-block scales tried around the first one, 1/128 apart
     exact: bool = False  # stage 1, symmetric grids: the exact optimum (_exact_inv_scale) is a trial too
-    sub_cands: tuple[float, ...] = _C_SUB  # stage 2: candidates of the super-block scale's first rounding
     wide_end: bool = False  # stage 1, symmetric grids: the largest element goes to the wider end level only
 
 
@@ -587,14 +586,12 @@ def _fit_affine(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _round_subscales(
-    s: torch.Tensor, sens: torch.Tensor, lo: int, hi: int, cands: tuple[float, ...], ws: _Ws
-) -> torch.Tensor:
+def _round_subscales(s: torch.Tensor, sens: torch.Tensor, lo: int, hi: int, ws: _Ws) -> torch.Tensor:
     """Super-block scale d for sub-block scales s [S, B] stored as integers in [lo, hi]: min Σ_j sens_j (s_j − d·k_j)².
 
-    Stage 1's search again (``cands``), over the S sub-block scales of each block. Returns d [B] (float32).
+    Stage 1's search again, over the S sub-block scales of each block. Returns d [B] (float32).
     """
-    d, _ = _fit_sym(s, sens, _Levels(lo, hi), cands, 2, ws)
+    d, _ = _fit_sym(s, sens, _Levels(lo, hi), _C_SUB, 2, ws)
     return d
 
 
@@ -933,7 +930,7 @@ def _fit_sym_k(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q3_K / Q6_K / IQ4_XS: value = (d·sc_j)·level. x [n, S, B] -> (d16 [B], sc int64 [B, S], codes uint8 [B, S·n])."""
     s, svv = _fit_sym(x, w, lv, cfg.cands, cfg.lloyd, ws, cfg.exact, cfg.wide_end)
-    d = _round_subscales(s, svv, lo, hi, cfg.sub_cands, ws)
+    d = _round_subscales(s, svv, lo, hi, ws)
     d16, sc = _refine_sym_k(x, w, s, d, lv, lo, hi, cfg, ws)
     codes = _codes_of(x * _safe_inv(d16.float() * sc), lv)
     return d16, sc.long().T.contiguous(), _blocks(codes)
@@ -945,8 +942,8 @@ def _fit_affine_k(
     """Q2_K / Q4_K / Q5_K. x [n, S, B] -> (d16, dmin16 [B], sc, m int64 [B, S], q uint8 [B, S·n])."""
     s, b, sqq, sw = _fit_affine(x, w, nmax, cfg.cands, cfg.lloyd, True, ws, cfg.shifts)
     mn = -b
-    d = _round_subscales(s, sqq, 0, sc_max, cfg.sub_cands, ws)
-    dm = _round_subscales(mn, sw.expand_as(mn), 0, sc_max, cfg.sub_cands, ws)
+    d = _round_subscales(s, sqq, 0, sc_max, ws)
+    dm = _round_subscales(mn, sw.expand_as(mn), 0, sc_max, ws)
     d16, dm16, sc, m = _refine_affine_k(x, w, s, mn, d, dm, nmax, sc_max, cfg, ws)
     q = (x + dm16.float() * m).mul_(_safe_inv(d16.float() * sc)).round_().clamp_(0, nmax)
     return d16, dm16, sc.long().T.contiguous(), m.long().T.contiguous(), _blocks(_small_u8(q))
