@@ -331,8 +331,9 @@ def suite_gguf_speed(out: Path, chunks: int) -> str:
             "qconv's `--opt effort`: best (the default: the full block-scale search behind the quality table) and "
             "fast (about a third of the trials; for Q8_0 llama.cpp's own scale, one least-squares step on its codes, "
             "then the nearest codes: never above llama.cpp's error, block by block; at or below llama.cpp's weighted "
-            "error on every type in the tests). Both run with qconv's per-tensor kernel verification, error "
-            "statistics and per-layer resume checkpoints on (GGUF checkpoints in place: each layer's names and "
+            "error on every type in the tests). Both run with qconv's per-tensor packing verification (on "
+            "a CPU: the written bytes unpacked and compared field by field with the method's), error statistics and "
+            "per-layer resume checkpoints on (GGUF checkpoints in place: each layer's names and "
             "statistics, the partial output kept for `--resume`).",
             "",
             "| type | qconv effort | llama-quantize s | qconv s | ratio | llama.cpp RSS MiB | qconv RSS MiB |",
