@@ -157,7 +157,11 @@ class FormatWriter(ABC):
 
     @abstractmethod
     def write_quantized(self, name: str, qt: Quantized) -> None:
-        """Pack, verify against ``qt``'s own dequantization, and write. ``name`` is the full tensor name."""
+        """Pack, verify against ``qt``'s own dequantization, and write. ``name`` is the full tensor name. A writer
+        may finish this in the background: ``flush`` waits, and raises what went wrong."""
+
+    def flush(self) -> None:
+        """Wait until every tensor handed over so far is written (before a checkpoint records them as done)."""
 
     @abstractmethod
     def write_dense(self, name: str, tensor: torch.Tensor) -> None:

@@ -6,9 +6,11 @@ Metadata values carry explicit GGUF types (llama.cpp checks them: a u32 where it
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -200,30 +202,38 @@ class GGUFFileWriter:
         self._where = {s.name: (data_start + offsets[s.name], s) for s in specs}
         self._pending = {s.name for s in specs}
         self._partial: dict[str, int] = {}  # bytes written so far of tensors written in pieces
+        self._lock = threading.Lock()
+        self._syncing: threading.Thread | None = None
 
-    def write(self, name: str, raw: torch.Tensor, part: bool = False) -> None:
-        """Write tensor ``name``'s bytes; with ``part``, the next consecutive piece of them (a large tensor written
-        in row chunks): the tensor is complete once its pieces add up to its size."""
+    def write(self, name: str, raw: torch.Tensor, at: int | None = None) -> None:
+        """Write tensor ``name``'s bytes; with ``at``, one piece of them starting ``at`` bytes into the tensor (a large
+        tensor written in row chunks, possibly out of order and from several threads): the tensor is complete once
+        its pieces add up to its size."""
         if name not in self._where:
             raise ValueError(f"tensor {name!r} is not in this file's plan")
-        if name not in self._pending:
-            raise ValueError(f"tensor {name!r} written twice")
         offset, spec = self._where[name]
         data = raw.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        done = self._partial.get(name, 0)
-        if (data.nbytes if not part else done + data.nbytes) > spec.nbytes or (not part and data.nbytes != spec.nbytes):
-            raise ValueError(f"tensor {name!r}: {done + data.nbytes} bytes, its type and shape need {spec.nbytes}")
-        offset += done
+        start = 0 if at is None else at
+        with self._lock:  # the bookkeeping; the bytes themselves go to disjoint places without it
+            if name not in self._pending:
+                raise ValueError(f"tensor {name!r} written twice")
+            done = self._partial.get(name, 0)
+            if start < 0 or start + data.nbytes > spec.nbytes or (at is None and data.nbytes != spec.nbytes):
+                raise ValueError(
+                    f"tensor {name!r}: {data.nbytes} bytes at {start}, its type and shape need {spec.nbytes}"
+                )
+            complete = done + data.nbytes >= spec.nbytes
+            if complete:
+                self._partial.pop(name, None)
+                self._pending.discard(name)
+            else:
+                self._partial[name] = done + data.nbytes
+        offset += start
         view = memoryview(data)
         while len(view):
             n = os.pwrite(self._fd, view, offset)
             view = view[n:]
             offset += n
-        if part and done + data.nbytes < spec.nbytes:
-            self._partial[name] = done + data.nbytes
-            return
-        self._partial.pop(name, None)
-        self._pending.discard(name)
 
     def mark_written(self, name: str) -> None:
         """Count ``name`` as complete without writing it (its bytes are already in a reopened partial file)."""
@@ -231,8 +241,22 @@ class GGUFFileWriter:
             raise ValueError(f"tensor {name!r} is not waiting to be written")
         self._pending.discard(name)
 
+    def sync_in_background(self) -> None:
+        """Start writing what has been written so far to disk, in a thread (unless one still is): the final
+        ``close`` then has little left to flush (a 600 MB file's fsync took 0.2 s at the end of a 7 s run)."""
+        if self._fd is None or (self._syncing is not None and self._syncing.is_alive()):
+            return
+        self._syncing = threading.Thread(target=_fdatasync_quietly, args=(self._fd,), name="qconv-sync", daemon=True)
+        self._syncing.start()
+
+    def _join_sync(self) -> None:
+        if self._syncing is not None:
+            self._syncing.join()  # before the descriptor closes (its number could be reused)
+            self._syncing = None
+
     def close(self) -> None:
         if self._fd is not None:
+            self._join_sync()
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
@@ -241,8 +265,15 @@ class GGUFFileWriter:
 
     def abort(self) -> None:
         if self._fd is not None:
+            self._join_sync()
             os.close(self._fd)
             self._fd = None
+
+
+def _fdatasync_quietly(fd: int) -> None:
+    # an error here resurfaces in close()'s own fsync
+    with contextlib.suppress(OSError):
+        os.fdatasync(fd)
 
 
 def split_names(path: Path, n: int) -> list[Path]:
@@ -299,15 +330,19 @@ class GGUFWriter:
             self.abort()
             raise
 
-    def write(self, name: str, raw: torch.Tensor, part: bool = False) -> None:
+    def write(self, name: str, raw: torch.Tensor, at: int | None = None) -> None:
         if name not in self._file_of:
             raise ValueError(f"tensor {name!r} is not in the write plan")
-        self._file_of[name].write(name, raw, part)
+        self._file_of[name].write(name, raw, at)
 
     def mark_written(self, name: str) -> None:
         if name not in self._file_of:
             raise ValueError(f"tensor {name!r} is not in the write plan")
         self._file_of[name].mark_written(name)
+
+    def sync_in_background(self) -> None:
+        for w in self._files:
+            w.sync_in_background()
 
     def close(self) -> list[Path]:
         for w in self._files:

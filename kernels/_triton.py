@@ -8,6 +8,7 @@ so `--verify kernel` can switch a process to the interpreter after triton was im
 from __future__ import annotations
 
 import os
+import threading
 
 try:  # triton is the `gpu` extra
     import triton
@@ -40,4 +41,15 @@ class lazy_jit:  # noqa: N801 - used as a decorator, like triton.jit
         mode = interpret_mode()
         if mode not in self._jitted:
             self._jitted[mode] = triton.jit(self.fn)
-        return self._jitted[mode][grid]
+        launch = self._jitted[mode][grid]
+        if not mode:
+            return launch
+
+        def interpreted(*args, **kwargs):
+            with _INTERPRETER:  # the interpreter patches triton.language process-wide while a kernel runs
+                return launch(*args, **kwargs)
+
+        return interpreted
+
+
+_INTERPRETER = threading.Lock()

@@ -313,6 +313,7 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0, digest
                 if hidden is not None and not last:
                     with replay.pass_():
                         runner.run(layer, i, hidden, run.batch_size, into=hidden)
+                writer.flush()  # the checkpoint says the layer's tensors are in the output: they must be
                 store.save_layer(i, log, None if last else hidden, output.path)
                 del layer, lctx, qts, log, replay
                 trim()

