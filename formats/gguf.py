@@ -232,19 +232,16 @@ class GGUFFormat(FormatWriter):
         rows, n = qt.shape
         fields = qt.fields
         perm = self._perm(name, rows)  # llama.cpp's q/k row order: each piece gathers its rows
-        # Large tensors (embeddings, output matrices) are dequantized, packed, verified and written in row chunks:
-        # whole, their float32 copies alone would take several times a decoder layer's memory.
+        # Large tensors (embeddings, output matrices) are packed, verified and written in row chunks: whole, their
+        # temporaries would take several times a decoder layer's memory (and fall out of the CPU's caches).
         nbpr = fields.n_blocks // max(rows, 1)
-        device = next(v for v in vars(fields).values() if isinstance(v, torch.Tensor)).device
-        on_cpu = device.type == "cpu"
-        if not on_cpu:
-            chunk = ROW_CHUNK_ELEMS_ACCEL
-        else:
-            sub_byte = TYPE_SIZE[t] * 8 < 8 * BLOCK_SIZE[t]
-            chunk = ROW_CHUNK_ELEMS_CPU_PACKED if sub_byte else ROW_CHUNK_ELEMS_CPU
-        step = max(1, chunk // max(n, 1)) if rows * n > chunk else max(rows, 1)
-
         row_bytes = nbpr * TYPE_SIZE[t]
+        device = next(v for v in vars(fields).values() if isinstance(v, torch.Tensor)).device
+        if device.type != "cpu":
+            chunk = ROW_CHUNK_ELEMS_ACCEL
+        else:  # fewer bytes than elements per block: a sub-byte type
+            chunk = ROW_CHUNK_ELEMS_CPU_PACKED if TYPE_SIZE[t] < BLOCK_SIZE[t] else ROW_CHUNK_ELEMS_CPU
+        step = max(1, chunk // max(n, 1)) if rows * n > chunk else max(rows, 1)
 
         def piece(r0: int) -> None:
             r1 = min(rows, r0 + step)

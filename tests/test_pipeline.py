@@ -203,3 +203,24 @@ def test_trim_keeps_bounded_slack():
 
     assert trim(slack=1 << 60) is False  # less free heap than the slack: nothing returned to the OS
     assert isinstance(trim(slack=0), bool)
+
+
+def test_input_sha256_across_mapping_windows(tmp_path, monkeypatch):
+    """The manifest's input digests are hashed from mapped windows: sizes around the window edges, the empty file
+    and a cancelled digest."""
+    import hashlib
+    import mmap
+    import threading
+
+    from qconv import manifest
+
+    window = mmap.ALLOCATIONGRANULARITY
+    monkeypatch.setattr(manifest, "_HASH_WINDOW", window)
+    data = bytes(range(256)) * (3 * window // 256 + 1)
+    for n in (0, 1, window - 1, window, window + 1, 3 * window + 5):
+        p = tmp_path / f"f{n}"
+        p.write_bytes(data[:n])
+        assert manifest.sha256_file(p, chunk=window // 4 + 3) == hashlib.sha256(data[:n]).hexdigest(), n
+    stop = threading.Event()
+    stop.set()
+    assert manifest.sha256_file(tmp_path / f"f{3 * window + 5}", cancel=stop) == ""

