@@ -185,9 +185,12 @@ def _gguf_setup(out: Path) -> tuple[Path, Path]:
     return base, d
 
 
-def suite_gguf(out: Path, chunks: int) -> str:
-    """Issue #3: qconv vs llama-quantize on the dithered SmolLM2 F16 GGUF, with and without the same imatrix."""
+def suite_gguf(out: Path, chunks: int, effort: str | None = None) -> str:
+    """Issue #3: qconv vs llama-quantize on the dithered SmolLM2 F16 GGUF, with and without the same imatrix.
+    ``effort``: qconv's ``--opt effort`` (None: its default), e.g. "fast", the setting of the wall-time table."""
     base_hf, d = _gguf_setup(out)
+    effort_args = [] if effort is None else ["--opt", f"effort={effort}"]
+    sfx = "" if effort is None else f"-{effort}"
     f16 = d / "smollm2-dithered-F16.gguf"
     run_isolated([*QCONV, "quantize", str(base_hf), "--format", "gguf", "--gguf-type", "F16", "--out", str(f16),
                   "--force", "-q"])  # fmt: skip
@@ -201,13 +204,13 @@ def suite_gguf(out: Path, chunks: int) -> str:
         for with_imat in (False, True):
             tag = f"{t}{'-imat' if with_imat else ''}"
             ll = d / f"llama-{tag}.gguf"
-            qc = d / f"qconv-{tag}.gguf"
+            qc = d / f"qconv-{tag}{sfx}.gguf"
             imat_args = ["--imatrix", str(imat)] if with_imat else []
             lq = run_isolated(
                 [str(LLAMA_BIN / "llama-quantize"), *imat_args, str(f16), str(ll), t, str(os.cpu_count())]
             )
             qq = run_isolated(
-                [*QCONV, "quantize", str(f16), "--format", "gguf", "--gguf-type", t, *imat_args]
+                [*QCONV, "quantize", str(f16), "--format", "gguf", "--gguf-type", t, *imat_args, *effort_args]
                 + ["--out", str(qc), "--force", "-q"]
             )
             ev = {}
@@ -224,6 +227,8 @@ def suite_gguf(out: Path, chunks: int) -> str:
                 f"{ev['llama']['ppl']:.3f} | {ev['qconv']['ppl']:.3f} | {kl_l:.5f} | {kl_q:.5f} | {kl_q / kl_l:.3f} |"
             )
             print(rows[-1], flush=True)
+    if effort is not None:
+        return _gguf_effort_section(effort, chunks, rows, results)
     # llama.cpp's own perplexity on the Q4_K_M files, against qconv eval's figure for the same file
     ppl_rows = []
     for who in ("llama", "qconv"):
@@ -270,6 +275,29 @@ def suite_gguf(out: Path, chunks: int) -> str:
             "| file | llama-perplexity | qconv eval | Δ |",
             "| --- | ---: | ---: | ---: |",
             *ppl_rows,
+        ]
+    )
+
+
+def _gguf_effort_section(effort: str, chunks: int, rows: list[str], results: dict) -> str:
+    ratios = {t: r["qconv"][2]["kld_mean"] / r["llama"][2]["kld_mean"] for t, r in results.items()}
+    worst = max(ratios, key=ratios.get)
+    return "\n".join(
+        [
+            f"## GGUF (#3) at `--opt effort={effort}`: qconv vs llama.cpp's llama-quantize",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `bench/run.py --suite gguf-{effort} "
+            f"--chunks {chunks}`. The quality suite above at the effort of the wall-time table below (the default, "
+            "best, is what the suite above measures); same source, imatrix and eval, "
+            f"{chunks} chunks × 512 of WikiText-2 test on this machine's CPU.",
+            "",
+            "| type | llama.cpp MiB | qconv MiB | size Δ | llama.cpp s | qconv s | llama.cpp ppl | qconv ppl | "
+            "llama.cpp KLD | qconv KLD | KLD ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *rows,
+            "",
+            f"KLD ≤ llama.cpp at every type — {'met' if ratios[worst] <= 1.0 else 'NOT met'} "
+            f"(worst {ratios[worst]:.3f}×, {worst}).",
         ]
     )
 
@@ -607,6 +635,7 @@ SUITES = {
     "bigmodel": suite_bigmodel,
     "gguf": suite_gguf,
     "gguf-speed": suite_gguf_speed,
+    "gguf-fast": lambda out, chunks: suite_gguf(out, chunks, effort="fast"),
     "methods": suite_methods,
     "llmcompressor": suite_llmcompressor,
     "allmethods": lambda out, chunks: __import__("allmethods").suite_allmethods(out, chunks),  # bench/allmethods.py

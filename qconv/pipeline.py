@@ -309,11 +309,13 @@ def _quantize(source, out, cfg, run, reporter, argv, eval_fn, device, t0, digest
                     if name not in plan.method:
                         override = lctx.overrides.get(name.removeprefix(prefix))
                         write_other(name, override, log)
+                # The layer's tensors are in the output before its checkpoint says so, and before the next pass
+                # through the layer: the writer's background pieces keep torch at one thread meanwhile.
+                writer.flush()
                 last = i + 1 == source.num_layers
                 if hidden is not None and not last:
                     with replay.pass_():
                         runner.run(layer, i, hidden, run.batch_size, into=hidden)
-                writer.flush()  # the checkpoint says the layer's tensors are in the output: they must be
                 store.save_layer(i, log, None if last else hidden, output.path)
                 del layer, lctx, qts, log, replay
                 trim()

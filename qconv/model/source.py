@@ -70,7 +70,7 @@ class TensorSource(ABC):
                     f"{self.name}: tensor {name!r} cannot be decoded, its stored data is malformed ({e})"
                 ) from e
 
-        out = dict(zip(names, map_chunks(one, names, "cpu")))
+        out = {name: t for t, name in zip(map_chunks(one, names, "cpu"), names)}  # zip runs the generator out
         for name, bad in zip(out, count_nonfinite_many(list(out.values()))):
             if bad:
                 raise InputError(f"{self.name}: tensor {name!r} holds {bad} NaN/Inf values")

@@ -38,6 +38,6 @@ def count_nonfinite_many(tensors: list[torch.Tensor]) -> list[int]:
     if not work:
         return out
     device = flats[work[0][0]].device
-    for (i, _), bad in zip(work, map_chunks(count, work, device)):
+    for bad, (i, _) in zip(map_chunks(count, work, device), work):  # the generator first: zip runs it to its end
         out[i] += bad
     return out

@@ -1178,9 +1178,11 @@ def _check_w(w: torch.Tensor, t: GGMLType) -> tuple[int, int]:
 def _gather_fields(parts: Iterator[BlockFields], n_blocks: int) -> BlockFields:
     """Consecutive chunks' fields (every field's leading dim is blocks) into one ``n_blocks``-block tensor each,
     each copied in as it arrives: the copies overlap the chunks still being fitted (a concatenation at the end left
-    the workers idle meanwhile)."""
+    the workers idle meanwhile). ``parts`` is run to its end (a ``map_chunks`` generator finishes its bookkeeping)."""
     first = next(parts)
     if first.n_blocks == n_blocks:
+        for _ in parts:
+            raise RuntimeError(f"chunks held more than {n_blocks} blocks")
         return first
     names = [f.name for f in dataclasses.fields(first)]
     out = {}
