@@ -287,9 +287,9 @@ def _gguf_effort_section(effort: str, chunks: int, rows: list[str], results: dic
             f"## GGUF (#3) at `--opt effort={effort}`: qconv vs llama.cpp's llama-quantize",
             "",
             f"Machine: {machine()}. Date: {date.today().isoformat()}. Command: `bench/run.py --suite gguf-{effort} "
-            f"--chunks {chunks}`. The quality suite above at the effort of the wall-time table below (the default, "
-            "best, is what the suite above measures); same source, imatrix and eval, "
-            f"{chunks} chunks × 512 of WikiText-2 test on this machine's CPU.",
+            f"--chunks {chunks}`. The quality table of section “GGUF (#3)” at the effort of the wall-time table "
+            f"below (that table measures the default, best); same source, imatrix and eval ({chunks} chunks × 512 of "
+            "WikiText-2 test), llama.cpp's files made again from the same F16 file and imatrix.",
             "",
             "| type | llama.cpp MiB | qconv MiB | size Δ | llama.cpp s | qconv s | llama.cpp ppl | qconv ppl | "
             "llama.cpp KLD | qconv KLD | KLD ratio |",
