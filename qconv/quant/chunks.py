@@ -155,10 +155,7 @@ class Batch:
             f.cancel()
         for f in self._futures:
             if not f.cancelled():
-                try:
-                    f.result()
-                except BaseException:  # noqa: BLE001 (an error already being raised is the one reported)
-                    pass
+                f.exception()  # waits for it; its error, if any, is not the one being reported
         self._futures.clear()
         self._unlease()
 
