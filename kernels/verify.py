@@ -131,6 +131,9 @@ class Verifier:
             raise VerificationError(
                 f"{name}: packed {layout} layout does not dequantize to the method's weights ({detail})"
             )
+        self._record(t0, count, path)
+
+    def _record(self, t0: float, count: bool, path: str) -> None:
         with self._lock:  # pieces of one tensor may be checked from several threads (qconv.quant.chunks)
             self.seconds += time.perf_counter() - t0
             self.checked += int(count)
@@ -171,10 +174,7 @@ class Verifier:
             raise VerificationError(
                 f"{name}: packed ggml layout does not unpack to the method's {t.name} field {key} ({detail})"
             )
-        with self._lock:
-            self.seconds += time.perf_counter() - t0
-            self.checked += int(count)
-            self.paths.add("reference")
+        self._record(t0, count, "reference")
 
     def summary(self) -> dict:
         return {

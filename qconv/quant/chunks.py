@@ -146,9 +146,7 @@ class Batch:
         except BaseException:
             self.cancel()
             raise
-        finally:
-            if not self._futures:
-                self._unlease()
+        self._unlease()
 
     def cancel(self) -> None:
         for f in self._futures:

@@ -1181,7 +1181,7 @@ def _gather_fields(parts: Iterator[BlockFields], n_blocks: int) -> BlockFields:
     the workers idle meanwhile). ``parts`` is run to its end (a ``map_chunks`` generator finishes its bookkeeping)."""
     first = next(parts)
     if first.n_blocks == n_blocks:
-        for _ in parts:
+        if next(parts, None) is not None:
             raise RuntimeError(f"chunks held more than {n_blocks} blocks")
         return first
     names = [f.name for f in dataclasses.fields(first)]
