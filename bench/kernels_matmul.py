@@ -34,30 +34,10 @@ ROTATE_BYTES = 256 << 20  # weight copies per implementation: at least this much
 
 
 def graph_time(fns: list, reps: int = 8) -> float:
-    """Median µs per call of ``fns`` (called in turn) replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for f in fns:  # warm-up on the side stream (allocator pools)
-            f()
-    torch.cuda.current_stream().wait_stream(stream)
-    calls = max(len(fns), 24)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    del g
-    return sorted(times)[len(times) // 2]
+    """Median µs per call of ``fns`` (called in turn) replayed from one CUDA graph (the kernel tuner's timing)."""
+    from qconv.kernels.w4a16 import graph_time as graph_ms
+
+    return graph_ms(fns, reps) * 1e3
 
 
 def copy_bandwidth() -> float:

@@ -42,7 +42,7 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
     def splits(bn: int, bm: int, bk: int) -> list[int]:
         tiles = math.ceil(m / bm) * math.ceil(n / bn)
         out = {1}
-        for per_sm in (1, 2, 4, 8):
+        for per_sm in (1, 2, 3, 4, 6, 8) if m <= 16 else (1, 2, 4, 8):
             s = round(per_sm * sms / tiles)
             if s >= 2 and (k // bk) // s >= 2:
                 out.add(s)
@@ -50,24 +50,22 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
 
     out = []
     if m <= 16:
-        for bn, bk, warps, stages in ((64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 4, 3), (256, 64, 4, 4),
-                                      (64, 128, 4, 4), (128, 128, 4, 3)):  # fmt: skip
+        for bn, bk, warps, stages, sw in ((64, 128, 4, 4, False), (64, 128, 4, 6, False), (128, 128, 4, 3, False),
+                                          (128, 128, 4, 4, False), (128, 128, 8, 4, False), (256, 128, 4, 3, False),
+                                          (256, 128, 8, 3, False), (128, 64, 4, 4, False), (128, 256, 4, 3, True),
+                                          (64, 256, 4, 4, True)):  # fmt: skip
             for s in splits(bn, 16, bk):
-                out.append(Config(bn, 16, bk, s, warps, stages))
-        for bn, bk in ((128, 64), (128, 128)):  # the split-K schedule of the previous kernel (three launches)
-            s = max(splits(bn, 16, bk))
-            if s > 1:
-                out.append(Config(bn, 16, bk, s, 4, 4, atomic=True))
-        if m == 1:
-            for bn, warps, stages in ((64, 4, 1), (128, 4, 1), (128, 4, 3), (256, 8, 1)):
-                for s in splits(bn, 1, 128):
-                    out.append(Config(bn, 1, 128, s, warps, stages, kind="gemv"))
+                out.append(Config(bn, 16, bk, s, warps, stages, scale_w=sw))
+        s = max(splits(128, 16, 128))
+        if s > 1:  # fp32 atomics on a zeroed workspace (three launches) against the in-kernel reduction
+            out.append(Config(128, 16, 128, s, 4, 3, atomic=True))
     else:
         cap = max(64, 1 << (m - 1).bit_length())
-        tiles = [(64, 64, 64, 4, 4, False), (64, 64, 64, 4, 4, True), (128, 64, 64, 4, 4, True),
-                 (64, 64, 128, 4, 4, True), (64, 128, 64, 4, 4, True), (128, 128, 64, 8, 3, True),
-                 (128, 128, 64, 8, 4, True), (128, 128, 128, 8, 3, True), (256, 128, 64, 8, 3, True),
-                 (128, 256, 64, 8, 3, True), (256, 64, 64, 8, 4, True)]  # fmt: skip
+        tiles = [(64, 64, 128, 4, 4, False), (128, 64, 128, 4, 3, False), (128, 64, 128, 8, 4, False),
+                 (256, 64, 128, 8, 3, False), (128, 64, 256, 4, 3, True), (128, 128, 128, 8, 3, False),
+                 (128, 128, 128, 8, 4, False), (128, 128, 128, 8, 3, True), (256, 128, 128, 8, 3, True),
+                 (128, 128, 64, 8, 4, False), (64, 128, 128, 4, 4, False), (128, 256, 128, 8, 3, True),
+                 (128, 256, 64, 8, 4, True), (256, 256, 64, 8, 3, True)]  # fmt: skip
         for bn, bm, bk, warps, stages, sw in tiles:
             if bm > cap:
                 continue

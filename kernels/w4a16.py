@@ -1,31 +1,39 @@
 """Fused W4A16 matmul: y = x @ dequant(W)ᵀ for 4-bit integer group layouts, in one Triton kernel.
 
 The kernel's layout (``W4Layout``), built once at load from an on-disk layout (the file itself is never changed):
-  qweight  int32 [N, K/8]   the codes of w[n, 8j … 8j+7] in word j, nibble position p holding k = 8j + NIBBLE_ORDER[p]
-                            (0, 2, 4, 6, 1, 3, 5, 7): the pair (k, k+1) lies at bits 4i and 16 + 4i, so one shift and
-                            one mask make two 16-bit lanes (compressed-tensors stores k = 8j + p, LSB first)
+  qweight  int16 [N', K'/4]  N' = N rounded up to 64, K' = K up to 128 (padding codes are 0 and meet x = 0). Blocks
+                            of 64 rows × 128 columns lie contiguously (2048 halfwords, row-major inside, blocks in
+                            (row block, column block) order), so a program's K step reads whole 4 KB blocks. In a
+                            block row, halfword c holds 4 codes of a 64-column super-tile t = c // 16: nibble p
+                            (bits 4p) is column 64t + 16p + c % 16. So the p-th nibbles of 16 consecutive halfwords
+                            are 16 consecutive columns: one shift and one mask of a register holding two halfwords
+                            give two adjacent weights of a tensor-core operand.
   scales   fp16/bf16/fp32 [G, N]  transposed from the file's [N, G] so a K tile reads one contiguous row
-  zeros    uint8 [G, N]     asymmetric zero points in code units (unpacked from the file's [N/8, G] int32); None
-                            when symmetric (zero 8)
+  zeros    int16 [G, N]     asymmetric zero points in code units (unpacked from the file's [N/8, G] int32; 16 bits so
+                            that OR-ing the float offset's bits makes MAGIC_VALUE + zero, like the codes); None when
+                            symmetric (zero 8)
   perm     int64 [K] or None  act-order whose groups are contiguous once the columns are sorted: the columns of
                             qweight are stored in that order and x's columns are gathered the same way (this is what
                             production int4 kernels do with GPTQ act-order checkpoints)
-  g_idx    int32 [K] or None  any other column → group map (general path: scale and zero gathered per element)
+  g_idx    int32 [K] or None  any other column → group map (scale and zero gathered per element)
   w[n, k] = (code − zero[g, n]) · scale[g, n],  g = k // group_size (or g_idx[k]).
 
-The tensor-core kernel computes yᵀ tiles: acc[BLOCK_N, BLOCK_M] += W'[BLOCK_N, BLOCK_K] · xᵀ[BLOCK_K, BLOCK_M], the
-unpacked weights being the MMA's first operand (so a batch of 2–16 rows sits in the MMA's narrow N slot). A K tile
-lies in one group (group_size % BLOCK_K == 0). Codes become 16-bit floats without a conversion instruction:
-``code | 0x4300`` read as bfloat16 is 128 + code (``code | 0x6400`` as float16 is 1024 + code); subtracting 128 + zero
-in 16-bit arithmetic is exact (small integers). Small batches scale each K tile's exact float32 partial product by
-its group's scale; large batches (``Config.scale_w``) multiply the weights by their scale in 16 bits first (one
-rounding, as loaders and the dequantize path do) so the MMA accumulates in place. One row runs a CUDA-core GEMV
-instead (float32 dequantization by the same exponent trick, no MMA). Split-K: partial tiles meet in a float32
-workspace and the last program of each output tile (an acq_rel counter it resets) adds them in a fixed order — one
-launch, deterministic; fp32 atomics on a zeroed workspace remain as an option. For large batches a dequantizing
-kernel writing 16-bit weights followed by torch's matmul competes too. Launch shapes are chosen per (M bucket, N, K,
-group, layout) by timing the short list of ``candidates()`` (what won bench/kernels_sweep.py on the H100) on the
-first call (``Tuner``); under TRITON_INTERPRET=1 the first candidate runs.
+The kernel computes yᵀ tiles: acc[BLOCK_N, BLOCK_M] += W'[BLOCK_N, ·] · xᵀ[·, BLOCK_M], the unpacked weights being
+the MMA's first operand (a batch of 1–16 rows sits in the MMA's narrow N slot). A K step of BLOCK_K columns loads
+BLOCK_K/4 halfwords per row and makes four products, one per nibble position p, each over the BLOCK_K/4 columns
+that nibble holds (x's matching rows are loaded by address, no shuffle). Each operand is an elementwise function of
+the loaded halfwords, so Triton keeps it in the registers the Hopper MMA reads (no shared-memory round trip of the
+unpacked tile). Codes become 16-bit floats without a conversion: ``code | 0x4300`` read as bfloat16 is 128 + code
+(``0x6400`` as float16: 1024 + code), one 32-bit LOP3 per pair of weights (inline PTX on the GPU); subtracting
+MAGIC + zero in 16-bit arithmetic is exact. Scaling (``SCALE_MODE``): 0 — the exact products' float32 partial sum of
+a K tile times its group's scale (K tiles inside one group); 1 — weights multiplied by their scale in 16 bits
+first, one rounding as loaders do, the MMA accumulating in place (any power-of-two group, large batches); 2 — as 1
+with each column's group read from g_idx. Split-K: partial tiles meet in a float32 workspace and the last program of
+each output tile (an acq_rel counter it resets) adds them in a fixed order — one launch, deterministic; fp32 atomics
+on a zeroed workspace remain as an option. For large batches a dequantizing kernel writing 16-bit weights followed by
+torch's matmul competes too. Launch shapes are chosen per (M bucket, N, K, group, layout) by timing the short list of
+``candidates()`` (what won bench/kernels_sweep.py on the H100) on the first call (``Tuner``); under
+TRITON_INTERPRET=1 the first candidate runs (plain Triton arithmetic instead of the inline PTX).
 """
 
 from __future__ import annotations
@@ -35,14 +43,15 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qconv.formats.bitpack import pack_rows, unpack_rows
+from qconv.formats.bitpack import unpack_rows
 from qconv.kernels._triton import HAVE_TRITON, interpret_mode, lazy_jit, tl, triton
 
 # 16-bit float bit patterns: OR-ing a 4-bit code into the mantissa gives MAGIC_VALUE + code exactly.
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
-SMALL_M = 16  # batches up to this many rows take the split-K schedule
-NIBBLE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # k offset held at nibble position p of a qweight word
-_POSITION_OF = tuple(NIBBLE_ORDER.index(j) for j in range(8))  # nibble position of k offset j
+SMALL_M = 16  # batches up to this many rows share one M tile of 16 (the tuner buckets them one by one)
+BLOCK_ROWS, BLOCK_COLS = 64, 128  # the qweight block stored contiguously (rows × columns of W)
+_HALFWORDS = BLOCK_COLS // 4  # halfwords per block row
+_BLOCK = BLOCK_ROWS * _HALFWORDS  # halfwords per block
 
 
 @dataclass(frozen=True)
@@ -75,16 +84,31 @@ class W4Layout:
 # Converters from on-disk layouts
 
 
+def _ceil(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] (K % 8 == 0) → the kernel's interleaved qweight int32 [N, K/8]."""
+    """uint8 codes [N, K] → the kernel's tiled qweight int16 [N', K'/4] (see the module docstring)."""
     n, k = codes.shape
-    return pack_rows(codes.reshape(n, k // 8, 8)[:, :, list(NIBBLE_ORDER)].reshape(n, k), 4).contiguous()
+    np_, kp = _ceil(n, BLOCK_ROWS), _ceil(k, BLOCK_COLS)
+    c = torch.zeros(np_, kp, dtype=torch.int32, device=codes.device)
+    c[:n, :k] = codes.to(torch.int32)
+    c = c.view(np_, kp // 64, 4, 16)  # [row, super-tile, nibble p, halfword-in-super-tile]
+    h = c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)
+    h = torch.where(h >= 1 << 15, h - (1 << 16), h).to(torch.int16).view(np_, kp // 4)
+    tiles = h.view(np_ // BLOCK_ROWS, BLOCK_ROWS, kp // BLOCK_COLS, _HALFWORDS).permute(0, 2, 1, 3)
+    return tiles.contiguous().view(np_, kp // 4)
 
 
-def unpack_codes(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of pack_codes: int32 [N, K/8] → uint8 codes [N, K]."""
-    n = qweight.shape[0]
-    return unpack_rows(qweight, 4, k).reshape(n, k // 8, 8)[:, :, list(_POSITION_OF)].reshape(n, k)
+def unpack_codes(qweight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of pack_codes: int16 [N', K'/4] → uint8 codes [N, K] (shape = (N, K))."""
+    n, k = shape
+    np_, kq = qweight.shape
+    h = qweight.view(np_ // BLOCK_ROWS, kq // _HALFWORDS, BLOCK_ROWS, _HALFWORDS).permute(0, 2, 1, 3)
+    h = h.reshape(np_, kq // 16, 1, 16).to(torch.int32) & 0xFFFF
+    c = (h >> torch.tensor([0, 4, 8, 12], device=h.device).view(1, 1, 4, 1)) & 0xF
+    return c.reshape(np_, kq * 4)[:n, :k].to(torch.uint8)
 
 
 def from_codes(
@@ -97,10 +121,8 @@ def from_codes(
     """Unpacked parts → W4Layout. codes uint8 [N, K] (columns in the weight's order), scales [N, G] (any float
     dtype), zeros [N, G] integer zero points in code units or None (symmetric: 8), g_idx [K] or None."""
     n, k = codes.shape
-    if k % 8:
-        raise ValueError(f"the W4A16 kernel needs K divisible by 8 (K = {k})")
     gs = k if group_size in (-1, None) else group_size
-    zeros = None if zeros_ng is None else zeros_ng.T.to(torch.uint8).contiguous()
+    zeros = None if zeros_ng is None else zeros_ng.T.to(torch.int16).contiguous()
     scales = scales_ng.T.contiguous()
     static = torch.arange(k, device=codes.device) // gs
     if g_idx is None and not _static_ok(gs, k):
@@ -136,10 +158,10 @@ def from_ct(
 
 
 def _static_ok(group_size: int, k: int) -> bool:
-    """Whether contiguous groups can run on the static path: a power-of-two group of ≥ 16 columns (K tiles stay
-    inside one group), or one group spanning K with K divisible by 16."""
+    """Whether contiguous groups can run on the static path (a column's group found by a shift): a power-of-two
+    group of ≥ 16 columns, or one group spanning K."""
     if group_size >= k:
-        return k % 16 == 0
+        return True
     return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
@@ -150,7 +172,7 @@ def _static_ok(group_size: int, k: int) -> bool:
 def dequantize(w: W4Layout) -> torch.Tensor:
     """float32 [N, K] in the weight's original column order, computed from the kernel layout in plain torch."""
     n, k = w.shape
-    codes = unpack_codes(w.qweight, k).float()
+    codes = unpack_codes(w.qweight, w.shape).float()
     if w.perm is not None:
         group = torch.arange(k, device=codes.device) // w.group_size
     elif w.g_idx is not None:
@@ -177,15 +199,27 @@ def reference_matmul(x: torch.Tensor, w: W4Layout, bias: torch.Tensor | None = N
 # ---------------------------------------------------------------------------------------------------------------
 # Triton kernel
 
+
+def asm_codes(magic_bits: int) -> tuple[str, str, str, str]:
+    """PTX turning nibble p (p = 0…3) of each of two halfwords in a 32-bit register into two 16-bit floats
+    MAGIC_VALUE + code: a shift, then one LOP3 computing (v & 0x000F000F) | magic·0x10001."""
+    m = f"0x{magic_bits * 0x10001:08X}"
+    lop = "lop3.b32 $0, {src}, 0x000F000F, " + m + ", 0xEA;"
+    return (lop.format(src="$1"),) + tuple(
+        "{ .reg .b32 t; shr.b32 t, $1, " + str(4 * p) + "; " + lop.format(src="t") + " }" for p in (1, 2, 3)
+    )
+
+
 if HAVE_TRITON:
 
     @lazy_jit
     def _w4a16_kernel(
         x_ptr, qw_ptr, s_ptr, z_ptr, gidx_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, GS_SHIFT, stride_xm, stride_ym, stride_wn, k_per_split, n_split,
-        HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, REDUCE: tl.constexpr,
-        SCALE_W: tl.constexpr, S16: tl.constexpr, EVEN_K: tl.constexpr, MAGIC_BITS: tl.constexpr,
-        MAGIC_VALUE: tl.constexpr, UPCAST: tl.constexpr,
+        M, N, K, G, KB, GS_SHIFT, stride_xm, stride_ym, k_per_split, n_split,
+        HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr, REDUCE: tl.constexpr, S16: tl.constexpr,
+        EVEN_K: tl.constexpr, SLICE_GROUPS: tl.constexpr, MAGIC_VALUE: tl.constexpr, ASM: tl.constexpr,
+        UPCAST: tl.constexpr, ASMZ: tl.constexpr,
+        ASM0: tl.constexpr, ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
@@ -198,75 +232,90 @@ if HAVE_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n_mask = offs_n < N
         m_mask = offs_m < M
-        offs_kk = tl.arange(0, BLOCK_K)
-        offs_kw = tl.arange(0, BLOCK_K // 8)
+        offs_j = tl.arange(0, BLOCK_K // 4)  # halfwords of a row in this K step
+        koff = (offs_j // 16) * 64 + offs_j % 16  # column (from k0) of nibble 0 of halfword j
+        row_off = (offs_n // 64) * (KB * 2048) + (offs_n % 64) * 32
         xdt = x_ptr.dtype.element_ty
+        cdt = tl.float32 if UPCAST else xdt  # the interpreter keeps bfloat16 as raw bits: it computes in float32
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(K, k_lo + k_per_split)
-        w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :]
-        x_ptrs = x_ptr + offs_m[None, :] * stride_xm + offs_kk[:, None]
-        # the static path's scale / zero row of the next K tile is loaded one iteration ahead (registers): the
-        # pipeliner stages only the dot operands, and a load issued just before its use would stall every tile
-        s_next = tl.load(s_ptr + (k_lo >> GS_SHIFT) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z_next = tl.load(z_ptr + (k_lo >> GS_SHIFT) * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        else:
-            z_next = tl.full((BLOCK_N,), 8.0, tl.float32)
+        if SCALE_MODE == 0:
+            # the next K tile's scale row is loaded one step ahead (registers): the pipeliner stages only the dot
+            # operands, and a load issued just before its use would stall every tile
+            s_next = tl.load(s_ptr + (k_lo >> GS_SHIFT) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if not HAS_ZERO:
+            zz = tl.full((BLOCK_N, BLOCK_K // 4), 8.0 + MAGIC_VALUE, cdt)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                words = tl.load(w_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
-                xt = tl.load(x_ptrs + k0, mask=m_mask[None, :], other=0.0)
-            else:
-                kw_ok = (k0 // 8 + offs_kw) < K // 8
-                k_ok = (k0 + offs_kk) < K
-                words = tl.load(w_ptrs + k0 // 8, mask=n_mask[:, None] & kw_ok[None, :], other=0)
-                xt = tl.load(x_ptrs + k0, mask=m_mask[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # interpreter only: it keeps bfloat16 as raw uint16 bits and would multiply those
-                xt = xt.to(tl.float32)
-            # [BLOCK_N, BLOCK_K/8] words → [BLOCK_N, BLOCK_K] int32 holding MAGIC_BITS | code, k = 8·word + j.
-            # With the interleaved order one shift and one mask give two 16-bit lanes at once (pair i = k offsets
-            # 2i, 2i + 1 at bits 4i and 16 + 4i); the compiler keeps them in one register when the halves are taken
-            # as (pair & 0xFFFF, pair >> 16). Built by joins (each adds an in-thread dimension of 2) so a thread
-            # keeps the codes of its word: a broadcast shift against arange(8) would spread one word over 8
-            # threads, each reloading it. join(a, b) puts a at 0 and b at 1 of a new last dimension: the outermost
-            # join picks j's lowest bit, the innermost its highest ([..., j0, j1, j2] flattens to 4·j0 + 2·j1 + j2).
-            magic2 = MAGIC_BITS * 0x10001
-            p0 = (words & 0xF000F) | magic2
-            p1 = ((words >> 4) & 0xF000F) | magic2
-            p2 = ((words >> 8) & 0xF000F) | magic2
-            p3 = ((words >> 12) & 0xF000F) | magic2
-            even = tl.join(tl.join(p0 & 0xFFFF, p2 & 0xFFFF), tl.join(p1 & 0xFFFF, p3 & 0xFFFF))
-            odd = tl.join(tl.join(p0 >> 16, p2 >> 16), tl.join(p1 >> 16, p3 >> 16))
-            codes = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
-            wq = codes.to(tl.int16).to(xdt, bitcast=True)  # MAGIC_VALUE + code, exactly
-            if HAS_GIDX:
-                ks = k0 + offs_kk
-                g = tl.load(gidx_ptr + ks, mask=ks < K, other=0)
-                sz_off = g[None, :] * N + offs_n[:, None]
-                s = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z = tl.load(z_ptr + sz_off, mask=n_mask[:, None], other=0).to(tl.float32)
-                else:
-                    z = 8.0
-                w = ((wq.to(tl.float32) - (z + MAGIC_VALUE)) * s).to(xdt).to(xt.dtype)
-                acc += tl.dot(w, xt)
-            else:
+            kh = k0 // 4 + offs_j
+            words = tl.load(qw_ptr + row_off[:, None] + ((kh // 32) * 2048 + kh % 32)[None, :],
+                            mask=n_mask[:, None], other=0)  # fmt: skip
+            if SCALE_MODE == 0:
                 s = s_next
-                z = z_next
-                g = tl.minimum(k0 + BLOCK_K, K - 1) >> GS_SHIFT
-                s_next = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    z_next = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-                w = wq.to(xt.dtype) - (z + MAGIC_VALUE).to(xt.dtype)[:, None]  # code − zero: exact in 16 bits
-                if SCALE_W:  # (code − zero)·scale rounded once to 16 bits, as loaders do; the MMA accumulates
-                    if S16:  # scales stored in x's dtype: one 16-bit multiply rounds the exact product
-                        w = w * s.to(xdt)[:, None]
+                s_next = tl.load(s_ptr + (tl.minimum(k0 + BLOCK_K, K - 1) >> GS_SHIFT) * N + offs_n, mask=n_mask,
+                                 other=0.0).to(tl.float32)  # fmt: skip
+                if HAS_ZERO:  # a 2-D load (not a broadcast row) keeps the operand's chain from load to MMA elementwise
+                    zg = (k0 >> GS_SHIFT) + offs_j * 0
+                    zt = tl.load(z_ptr + zg[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
+                    if ASM:  # MAGIC_VALUE + zero by OR-ing the offset's bits, two per register (no conversion)
+                        zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
                     else:
-                        w = (w.to(tl.float32) * s[:, None]).to(xdt).to(xt.dtype)
+                        zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
+            elif not SLICE_GROUPS:  # groups of ≥ 64 columns: the four slices of a halfword share their group
+                g = tl.minimum((k0 + koff) >> GS_SHIFT, G - 1)  # padding columns (x = 0) clamp to a real group
+                sz_off = g[None, :] * N + offs_n[:, None]
+                sc = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0)
+                if HAS_ZERO:
+                    zt = tl.load(z_ptr + sz_off, mask=n_mask[:, None], other=0)
+                    if ASM:
+                        zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
+                    else:
+                        zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for p in tl.static_range(4):
+                kx = k0 + koff + 16 * p  # the columns nibble p of this step's halfwords hold
+                x_ptrs = x_ptr + offs_m[None, :] * stride_xm + kx[:, None]
+                if EVEN_K:
+                    xt = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+                else:
+                    xt = tl.load(x_ptrs, mask=m_mask[None, :] & (kx < K)[:, None], other=0.0)
+                if UPCAST:
+                    xt = xt.to(tl.float32)
+                if SLICE_GROUPS:  # each slice's columns have their own groups (g_idx, or groups under 64 columns)
+                    if SCALE_MODE == 1:
+                        g = tl.minimum(kx >> GS_SHIFT, G - 1)
+                    else:
+                        g = tl.load(gidx_ptr + tl.minimum(kx, K - 1))
+                    sz_off = g[None, :] * N + offs_n[:, None]
+                    sc = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0)
+                    if HAS_ZERO:
+                        zt = tl.load(z_ptr + sz_off, mask=n_mask[:, None], other=0)
+                        if ASM:
+                            zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
+                        else:
+                            zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
+                if ASM:  # ASMp (asm_codes): nibble p as MAGIC_VALUE + code, two halfwords per 32-bit register
+                    if p == 0:
+                        w = tl.inline_asm_elementwise(ASM0, "=r,r", [words], xdt, True, 2)
+                    elif p == 1:
+                        w = tl.inline_asm_elementwise(ASM1, "=r,r", [words], xdt, True, 2)
+                    elif p == 2:
+                        w = tl.inline_asm_elementwise(ASM2, "=r,r", [words], xdt, True, 2)
+                    else:
+                        w = tl.inline_asm_elementwise(ASM3, "=r,r", [words], xdt, True, 2)
+                else:
+                    w = (((words >> (4 * p)) & 0xF).to(tl.float32) + MAGIC_VALUE).to(cdt)
+                w = w - zz  # code − zero, exact in 16 bits
+                if SCALE_MODE == 0:
+                    part = tl.dot(w, xt, part)
+                else:  # (code − zero)·scale rounded once to 16 bits, as loaders do; the MMA accumulates in place
+                    if S16:
+                        w = w * sc
+                    else:
+                        w = (w.to(tl.float32) * sc.to(tl.float32)).to(xdt).to(cdt)
                     acc = tl.dot(w, xt, acc)
-                else:  # exact weights: the group's scale multiplies the tile's float32 partial product
-                    acc += tl.dot(w, xt) * s[:, None]
+            if SCALE_MODE == 0:  # exact weights: the group's scale multiplies the step's float32 partial product
+                acc += part * s[:, None]
         y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
         if REDUCE == 0:
@@ -287,129 +336,45 @@ if HAVE_TRITON:
                 tl.atomic_xchg(cnt_ptr + pid, 0)
 
     @lazy_jit
-    def _w4a16_gemv_kernel(
-        x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr,
-        M, N, K, GS_SHIFT, stride_xm, stride_ym, stride_wn, k_per_split, n_split,
-        HAS_ZERO: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """CUDA-core GEMV for one row (static groups only): y[0, n] = Σ_k x[0, k]·(code − zero)·scale.
-
-        A K tile lies in one group. Each thread dequantizes whole words in float32 without a conversion
-        instruction: nibble i of a 16-bit half, masked in place and OR-ed with the exponent of 2^(23 − 4i), reads as
-        2^(23 − 4i) + code, and one subtraction of 2^(23 − 4i) + zero gives code − zero exactly. The eight products
-        of a word are summed in the thread (an FMA chain), scaled once per word by its group's scale, and kept per
-        word until the end, so threads exchange partial sums once, after the K loop. SPLIT: K is split over
-        programs, partial rows meet in a float32 workspace, and the last program of a column tile (an acq_rel
-        counter, reset by it) adds them in split order and writes y — one launch, deterministic.
-        """
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
-        n_mask = offs_n < N
-        m_mask = offs_m < M
-        offs_kw = tl.arange(0, BLOCK_K // 8)
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(K, k_lo + k_per_split)
-        w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + offs_kw[None, :]
-        x_ptrs = x_ptr + offs_kw * 8
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            if EVEN_K:
-                words = tl.load(w_ptrs + k0 // 8, mask=n_mask[:, None], other=0)
-                kw_ok = offs_kw < BLOCK_K // 8
-            else:
-                kw_ok = (k0 // 8 + offs_kw) < K // 8
-                words = tl.load(w_ptrs + k0 // 8, mask=n_mask[:, None] & kw_ok[None, :], other=0)
-            # x at k = 8·word + j, one [BLOCK_K/8] vector per j (broadcast over the tile's rows)
-            xp = x_ptrs + k0
-            x0 = tl.load(xp, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x1 = tl.load(xp + 1, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x2 = tl.load(xp + 2, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x3 = tl.load(xp + 3, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x4 = tl.load(xp + 4, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x5 = tl.load(xp + 5, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x6 = tl.load(xp + 6, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            x7 = tl.load(xp + 7, mask=kw_ok, other=0.0).to(tl.float32)[None, :]
-            g = k0 >> GS_SHIFT
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            if HAS_ZERO:
-                z = tl.load(z_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.float32)[:, None]
-            else:
-                z = 8.0
-            hi = words >> 16
-            # k = 2i: nibble i of the low half; k = 2i + 1: nibble i of the high half (the interleaved order)
-            part = (((words & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)) * x0
-            part += (((hi & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + z)) * x1
-            part += (((words & 0xF0) | 0x49000000).to(tl.float32, bitcast=True) - (524288.0 + z)) * x2
-            part += (((hi & 0xF0) | 0x49000000).to(tl.float32, bitcast=True) - (524288.0 + z)) * x3
-            part += (((words & 0xF00) | 0x47000000).to(tl.float32, bitcast=True) - (32768.0 + z)) * x4
-            part += (((hi & 0xF00) | 0x47000000).to(tl.float32, bitcast=True) - (32768.0 + z)) * x5
-            part += (((words & 0xF000) | 0x45000000).to(tl.float32, bitcast=True) - (2048.0 + z)) * x6
-            part += (((hi & 0xF000) | 0x45000000).to(tl.float32, bitcast=True) - (2048.0 + z)) * x7
-            acc += part * s
-        out = tl.sum(acc, axis=1)[None, :]  # [1, BLOCK_N]
-        y_off = offs_m[:, None] * stride_ym + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if not SPLIT:
-            tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            ws_off = offs_m[:, None] * N + offs_n[None, :]
-            tl.store(ws_ptr + pid_k * M * N + ws_off, out, mask=mask)
-            done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-            if done == n_split - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for sk in range(n_split):
-                    total += tl.load(ws_ptr + sk * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-    @lazy_jit
     def _w4_dequant_kernel(
-        qw_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K, GS_SHIFT, stride_wn,
+        qw_ptr, s_ptr, z_ptr, gidx_ptr, out_ptr, N, K, G, KB, GS_SHIFT,
         HAS_ZERO: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         """W4Layout → 16-bit weights [N, K] in qweight's column order (out_ptr's dtype), for the large-batch path."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         n_mask = offs_n < N
-        kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        w_mask = n_mask[:, None] & (kw < K // 8)[None, :]
-        words = tl.load(qw_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask, other=0)
-        p0 = (words & 0xF000F) | 0x43004300  # as in _w4a16_kernel (bfloat16 offset 128)
-        p1 = ((words >> 4) & 0xF000F) | 0x43004300
-        p2 = ((words >> 8) & 0xF000F) | 0x43004300
-        p3 = ((words >> 12) & 0xF000F) | 0x43004300
-        even = tl.join(tl.join(p0 & 0xFFFF, p2 & 0xFFFF), tl.join(p1 & 0xFFFF, p3 & 0xFFFF))
-        odd = tl.join(tl.join(p0 >> 16, p2 >> 16), tl.join(p1 >> 16, p3 >> 16))
-        codes = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K)).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        codes = codes.to(tl.float32) - 128.0
-        mask = n_mask[:, None] & k_mask[None, :]
-        if HAS_GIDX:
-            g = tl.load(gidx_ptr + ks, mask=k_mask, other=0)[None, :]
-        else:
-            g = (ks >> GS_SHIFT)[None, :]
-        s = tl.load(s_ptr + g * N + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            z = tl.load(z_ptr + g * N + offs_n[:, None], mask=mask, other=0).to(tl.float32)
-        else:
-            z = 8.0
-        w = (codes - z) * s
-        tl.store(out_ptr + offs_n[:, None] * K + ks[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        offs_j = tl.arange(0, BLOCK_K // 4)
+        kh = k0 // 4 + offs_j
+        row_off = (offs_n // 64) * (KB * 2048) + (offs_n % 64) * 32
+        words = tl.load(qw_ptr + row_off[:, None] + ((kh // 32) * 2048 + kh % 32)[None, :], mask=n_mask[:, None],
+                        other=0)  # fmt: skip
+        for p in tl.static_range(4):
+            kx = k0 + (offs_j // 16) * 64 + offs_j % 16 + 16 * p
+            k_ok = kx < K
+            if HAS_GIDX:
+                g = tl.load(gidx_ptr + kx, mask=k_ok, other=0)
+            else:
+                g = tl.minimum(kx >> GS_SHIFT, G - 1)
+            mask = n_mask[:, None] & k_ok[None, :]
+            s = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0).to(tl.float32)
+            else:
+                z = 8.0
+            w = (((words >> (4 * p)) & 0xF).to(tl.float32) - z) * s
+            tl.store(out_ptr + offs_n[:, None] * K + kx[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch shape: tiles, split-K factor, warps, pipeline stages, and kind:
 
-    - "fused": the tensor-core W4A16 kernel. split_k > 1 splits K over programs whose partial tiles meet in a
-      float32 workspace, added by the last program of each tile (one launch), or with ``atomic`` in fp32 atomics
-      on a zeroed workspace cast afterwards (three launches). ``scale_w``: weights scaled and rounded to 16 bits
-      before the MMA (as loaders do; one accumulator) instead of scaling each K tile's exact partial product.
-    - "gemv": the CUDA-core kernel for one row (static groups only).
+    - "fused": the tensor-core W4A16 kernel (BLOCK_K a multiple of 64). split_k > 1 splits K over programs whose
+      partial tiles meet in a float32 workspace, added by the last program of each tile (one launch), or with
+      ``atomic`` in fp32 atomics on a zeroed workspace cast afterwards (three launches). ``scale_w``: weights scaled
+      and rounded to 16 bits before the MMA (as loaders do; one accumulator) instead of scaling each K tile's exact
+      partial product (which needs K tiles inside one group: forced where the layout has no such tiles).
     - "dequant": 16-bit weights written by a dequantizing kernel, then torch's matmul (large batches).
     """
 
@@ -426,9 +391,8 @@ class Config:
     def label(self) -> str:
         if self.kind == "dequant":
             return "dequant+matmul"
-        tag = "gemv-" if self.kind == "gemv" else ""
         extra = ("r" if self.scale_w else "") + ("a" if self.atomic else "")
-        return (f"{tag}n{self.block_n}m{self.block_m}k{self.block_k}s{self.split_k}w{self.num_warps}"
+        return (f"n{self.block_n}m{self.block_m}k{self.block_k}s{self.split_k}w{self.num_warps}"
                 f"p{self.num_stages}{extra}")  # fmt: skip
 
 
@@ -461,44 +425,57 @@ def _split(tiles: int, k: int, bk: int, per_sm: int, sms: int, min_steps: int = 
     return max(1, min(round(per_sm * sms / tiles), triton.cdiv(k, bk) // min_steps))
 
 
+def exact_k_tile(w: W4Layout) -> int | None:
+    """The K step of the exact path (scale applied to each step's float32 product): 128 or 64 columns inside one
+    group; None where the layout has none (g_idx, groups under 64 columns or not a multiple of 64)."""
+    if w.g_idx is not None:
+        return None
+    if w.n_groups == 1 or w.group_size % 128 == 0:
+        return 128
+    return 64 if w.group_size % 64 == 0 else None
+
+
 def candidates(m: int, w: W4Layout, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
     """Launch shapes worth timing for an [m, K] × [N, K]ᵀ product (the first is the untimed default).
 
-    The short lists are what won bench/kernels_sweep.py on the H100 (BENCHMARKS.md, kernels (#6)): one row — the
-    CUDA-core GEMV, split so the grid holds ~4–8 programs per multiprocessor; 2–16 rows — 64/128 × 16 tensor-core
-    tiles, split likewise; up to 64 rows — 64 × 64 tiles with exact weights; larger batches — 128 × 128 (× 256 for
-    ≥ 256 rows) tiles with 8 warps and weights rounded to 16 bits before the MMA, and dequantize + matmul.
+    The short lists are what won bench/kernels_sweep.py on the H100 (BENCHMARKS.md, kernels (#6)): up to 16 rows —
+    128/256 × 16 tiles of 128 columns, split so the grid holds ~1–4 programs per multiprocessor; up to 64 rows —
+    256 × 64 or 128 × 64; up to 128 rows — 256 × 128 with weights scaled before the MMA (the largest weights), or
+    256/128 × 64 exact; larger batches — 256 × 128 and 128 × 128 tiles, and dequantize + matmul. Layouts without
+    an exact K tile scale weights before the MMA.
     """
     n, k = w.shape
     sms = _sm_count(device)
-    if w.g_idx is not None:
-        bk = 32  # any size works on the per-column path (K is masked)
-    else:
-        bk = next(b for b in (64, 32, 16) if w.group_size % b == 0)
-    out: list[Config] = []
+    bk_exact = exact_k_tile(w)
+    exact = bk_exact is not None
     tiles = lambda bn, bm: triton.cdiv(m, bm) * triton.cdiv(n, bn)  # noqa: E731
-    if m == 1 and w.g_idx is None:
-        one_group = w.n_groups == 1
-        gk = next((b for b in (128, 64, 32) if one_group or w.group_size % b == 0), None)
-        if gk is not None:
-            for bn, per_sm in ((64, 8), (128, 8), (64, 4)):
-                out.append(Config(bn, 1, gk, _split(tiles(bn, 1), k, gk, per_sm, sms), 4, 1, kind="gemv"))
-    if out:  # the GEMV won every one-row shape of the sweep
-        return out
+
+    def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> Config:
+        sw = scale_w or not exact
+        bk = 128 if sw else bk_exact
+        return Config(bn, bm, bk, _split(tiles(bn, bm), k, bk, per_sm, sms), warps, stages, scale_w=sw)
+
     if m <= SMALL_M:
-        for bn, stages, per_sm in ((128, 3, 8), (64, 4, 4), (128, 3, 4), (64, 4, 8)):
-            out.append(Config(bn, 16, bk, _split(tiles(bn, 16), k, bk, per_sm, sms, 8), 4, stages))
+        out = [
+            cfg(128, 16, 3, 4, 3),
+            cfg(256, 16, 2, 8, 3),
+            cfg(128, 16, 2, 4, 3),
+            cfg(64, 16, 2, 4, 4),
+            cfg(256, 16, 1, 8, 3),
+            cfg(128, 16, 4, 4, 3),
+        ]
     elif m <= 64:
-        for per_sm in (2, 4, 8):
-            out.append(Config(64, 64, bk, _split(tiles(64, 64), k, bk, per_sm, sms), 4, 4))
+        out = [cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3)]
     elif m <= 128:
-        bk2 = 128 if w.g_idx is None and w.group_size % 128 == 0 else bk
-        out.append(Config(128, 128, bk, 1, 8, 3, scale_w=True))
-        out.append(Config(128, 128, bk2, _split(tiles(128, 128), k, bk2, 1, sms), 8, 3, scale_w=True))
+        out = [
+            cfg(256, 128, 1, 8, 3, True),
+            cfg(256, 64, 1, 8, 3),
+            cfg(128, 64, 2, 4, 3),
+            cfg(128, 64, 2, 8, 4),
+            cfg(256, 128, 2, 8, 3, True),
+        ]
     else:
-        out.append(Config(128, 256, bk, 1, 8, 3, scale_w=True))
-        out.append(Config(128, 128, bk, 1, 8, 3, scale_w=True))
-        out.append(Config(64, 0, 128, kind="dequant"))
+        out = [cfg(256, 128, 1, 8, 3, True), cfg(128, 128, 1, 8, 4), Config(64, 0, 128, kind="dequant")]
     return list(dict.fromkeys(out))
 
 
@@ -506,12 +483,11 @@ def dequantize_16(w: W4Layout, dtype: torch.dtype) -> torch.Tensor:
     """Triton: W4Layout → ``dtype`` weights [N, K] in qweight's column order (x must be gathered by w.perm)."""
     n, k = w.shape
     out = torch.empty(n, k, dtype=dtype, device=w.qweight.device)
-    bk = 32 if k % 64 else 64
     dummy = w.qweight
-    _w4_dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(k, bk))](
+    _w4_dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(k, BLOCK_COLS))](
         w.qweight, w.scales, w.zeros if w.zeros is not None else dummy, w.g_idx if w.g_idx is not None else dummy,
-        out, n, k, _group_shift(w), w.qweight.stride(0),
-        HAS_ZERO=w.zeros is not None, HAS_GIDX=w.g_idx is not None, BLOCK_N=64, BLOCK_K=bk, num_warps=4,
+        out, n, k, w.n_groups, w.qweight.shape[1] // _HALFWORDS, _group_shift(w),
+        HAS_ZERO=w.zeros is not None, HAS_GIDX=w.g_idx is not None, BLOCK_N=64, BLOCK_K=BLOCK_COLS, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -540,6 +516,18 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     n = w.shape[0]
     if cfg.kind == "dequant":
         return torch.nn.functional.linear(x2, dequantize_16(w, x2.dtype))
+    if cfg.block_k % 64:
+        raise ValueError(f"the W4A16 kernel steps K by multiples of 64 columns, not {cfg.block_k}")
+    if w.g_idx is not None:
+        mode = 2
+    elif cfg.scale_w:
+        mode = 1
+    else:
+        bk = exact_k_tile(w)
+        if bk is None or bk % cfg.block_k:
+            raise ValueError(f"{cfg.label()}: exact K steps need {cfg.block_k} columns inside one group "
+                             f"(group {w.group_size}); use scale_w")  # fmt: skip
+        mode = 0
     k_steps = triton.cdiv(k, cfg.block_k)
     k_per_split = triton.cdiv(k_steps, cfg.split_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
@@ -548,42 +536,74 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
         y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
     else:
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    dummy = w.qweight
-    if cfg.kind == "gemv":
-        if m != 1 or w.g_idx is not None:
-            raise ValueError("the GEMV kernel takes one row and static groups")
-        n_tiles = triton.cdiv(n, cfg.block_n)
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if split > 1 else y
-        cnt = _counters(x2.device, n_tiles) if split > 1 else dummy
-        LAST_KERNEL = _w4a16_gemv_kernel[(n_tiles, split)](
-            x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy, y, ws, cnt,
-            m, n, k, _group_shift(w), x2.stride(0), y.stride(0), w.qweight.stride(0), k_per_split, split,
-            HAS_ZERO=w.zeros is not None, SPLIT=split > 1, EVEN_K=k % cfg.block_k == 0,
-            BLOCK_N=cfg.block_n, BLOCK_M=1, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        return y
     magic_bits, magic_value = MAGIC[x2.dtype]
-    upcast = interpret_mode() and x2.dtype == torch.bfloat16
+    interpreting = interpret_mode()
+    upcast = interpreting and x2.dtype == torch.bfloat16
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     serial = split > 1 and not atomic
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if serial else y
+    dummy = w.qweight
     cnt = _counters(x2.device, tiles) if serial else dummy
+    a0, a1, a2, a3 = asm_codes(magic_bits)
     LAST_KERNEL = _w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, y, ws, cnt,
-        m, n, k, _group_shift(w), x2.stride(0), y.stride(0), w.qweight.stride(0), k_per_split, split,
-        HAS_ZERO=w.zeros is not None, HAS_GIDX=w.g_idx is not None, REDUCE=1 if atomic else 2 if serial else 0,
-        SCALE_W=cfg.scale_w, S16=w.scales.dtype == x2.dtype and not upcast,
-        EVEN_K=k % cfg.block_k == 0, MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value, UPCAST=upcast,
+        m, n, k, w.n_groups, w.qweight.shape[1] // _HALFWORDS, _group_shift(w), x2.stride(0), y.stride(0),
+        k_per_split, split,
+        HAS_ZERO=w.zeros is not None, SCALE_MODE=mode, REDUCE=1 if atomic else 2 if serial else 0,
+        S16=w.scales.dtype == x2.dtype and not upcast, EVEN_K=k % cfg.block_k == 0,
+        SLICE_GROUPS=mode == 2 or (mode == 1 and w.n_groups > 1 and w.group_size < 64), MAGIC_VALUE=magic_value,
+        ASM=not interpreting, UPCAST=upcast, ASMZ=f"or.b32 $0, $1, 0x{magic_bits * 0x10001:08X};",
+        ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y.to(x2.dtype) if atomic else y
 
 
+def _copies(w: W4Layout, nbytes: int) -> list[W4Layout]:
+    """w and fresh copies of its tensors, together at least ``nbytes`` (one is enough for a weight that large)."""
+    n = max(1, -(-nbytes // max(1, w.nbytes())))
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    return [w] + [replace(w, qweight=w.qweight.clone(), scales=w.scales.clone(), zeros=clone(w.zeros))
+                  for _ in range(n - 1)]  # fmt: skip
+
+
+def graph_time(fns: list, reps: int = 5) -> float:
+    """Median ms per call of ``fns`` (called in turn, ≥ 24 calls) replayed from one CUDA graph: no launch overhead,
+    and with enough distinct weights the calls stream them from memory as a model's layers do."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns:
+            f()
+        calls = max(len(fns), 24)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(calls):
+                fns[i % len(fns)]()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return sorted(times)[len(times) // 2]
+
+
 class Tuner:
     """Chooses a Config per (M bucket, N, K, group size, zero/g_idx layout, dtype, device) by timing the
-    candidates once (median of triton.testing.do_bench); under the interpreter takes the first candidate."""
+    candidates once; under the interpreter takes the first candidate.
+
+    Timing: CUDA-graph replays (launch overhead out, as in a decode graph) cycling through copies of the weight
+    totalling twice the L2 cache, so every call reads its weight from HBM like a model's layers do (a cache flush
+    between calls would add the flush's write-backs to the kernel; the same weight over and over would time L2).
+    The copies exist only while tuning."""
 
     def __init__(self):
         self.best: dict[tuple, Config] = {}
@@ -606,16 +626,19 @@ class Tuner:
         if interpret_mode() or not x2.is_cuda or len(cands) == 1:
             self.best[key] = cands[0]
             return cands[0]
+        props = torch.cuda.get_device_properties(x2.device)
+        ws = _copies(w, 2 * getattr(props, "L2_cache_size", 50 << 20))
         times = {}
         for _ in range(2):  # two rounds, the better median kept: the first timings can meet a clock still rising
             for c in cands:
                 if times.get(c) == float("inf"):
                     continue
                 try:
-                    t = triton.testing.do_bench(lambda c=c: launch(x2, w, c), warmup=5, rep=25, return_mode="median")
+                    t = graph_time([lambda c=c, wc=wc: launch(x2, wc, c) for wc in ws])
                 except Exception:  # noqa: BLE001 - a shape the compiler or the device rejects (e.g. shared memory)
                     t = float("inf")
                 times[c] = min(t, times.get(c, t))
+        del ws
         times = {c: t for c, t in times.items() if t != float("inf")}
         if not times:
             raise RuntimeError(f"no W4A16 launch configuration runs for {key}")

@@ -204,18 +204,19 @@ C = w4a16.Config
 @pytest.mark.parametrize(
     "n, k, group, symmetric, gidx_kind, m, cfgs",
     [
-        (72, 512, 128, False, None, 1, [C(64, 16, 64, 4), C(64, 16, 64, 3, atomic=True),
-                                        C(64, 1, 128, 2, kind="gemv"), C(32, 1, 128, 3, kind="gemv")]),
+        (72, 512, 128, False, None, 1, [C(64, 16, 64, 4), C(64, 16, 64, 3, atomic=True), C(64, 16, 128, 2),
+                                        C(32, 16, 128, 3, scale_w=True)]),
         (40, 256, 64, True, None, 3, [C(32, 16, 64, 2), C(64, 32, 64, 1, scale_w=True),
                                       C(32, 32, 64, 2, scale_w=True)]),
         (40, 256, 64, False, "actorder", 17, [C(32, 16, 64, 2, scale_w=True)]),
-        (40, 192, 64, True, "random", 3, [C(32, 16, 32, 2, scale_w=True)]),
+        (40, 192, 64, True, "random", 3, [C(32, 16, 64, 2, scale_w=True)]),
+        (40, 320, 32, False, None, 5, [C(32, 16, 128, 2, scale_w=True)]),  # groups under a K step: per-column scales
     ],
 )  # fmt: skip
-def test_kernel_split_k_gemv_and_rounded_weights(interpreted, n, k, group, symmetric, gidx_kind, m, cfgs):
-    """Split-K (partial tiles added by the last program of a tile, or fp32 atomics), the one-row GEMV (with and
-    without split), and weights rounded to 16 bits before the MMA: all equal the reference, and a second call gives
-    the same bits (the arrival counters were reset; the in-kernel reduction adds in a fixed order)."""
+def test_kernel_split_k_and_rounded_weights(interpreted, n, k, group, symmetric, gidx_kind, m, cfgs):
+    """Split-K (partial tiles added by the last program of a tile, or fp32 atomics), K steps of 64 and 128 columns,
+    and weights rounded to 16 bits before the MMA: all equal the reference, and a second call gives the same bits
+    (the arrival counters were reset; the in-kernel reduction adds in a fixed order)."""
     args = ct_tensors(n, k, group, symmetric, gidx_kind, seed=n + k)
     lay = layout_of(args)
     w = ct_int.dequant_reference(**args)
@@ -226,6 +227,15 @@ def test_kernel_split_k_gemv_and_rounded_weights(interpreted, n, k, group, symme
         if not cfg.atomic:
             assert torch.equal(y, w4a16.w4a16_matmul(x, lay, config=cfg)), cfg.label()
     assert int(w4a16._counters(x.device, 1).abs().sum()) == 0
+
+
+def test_exact_configs_need_k_steps_inside_a_group():
+    """A Config asking for exact K steps the layout cannot give (group 32; a 128-column step over 64-column groups;
+    a step that is not a multiple of 64 columns) is refused with the reason, not run with other rounding."""
+    for group, cfg in ((32, C(64, 16, 64)), (64, C(64, 16, 128)), (128, C(64, 16, 32, scale_w=True))):
+        lay = layout_of(ct_tensors(8, 256, group, True, None, seed=1))
+        with pytest.raises(ValueError, match="K"):
+            w4a16.launch(torch.zeros(1, 256, dtype=torch.bfloat16), lay, cfg)
 
 
 @pytest.mark.triton
