@@ -51,7 +51,6 @@ MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 SMALL_M = 16  # batches up to this many rows share one M tile of 16 (the tuner buckets them one by one)
 BLOCK_ROWS, BLOCK_COLS = 64, 128  # the qweight block stored contiguously (rows × columns of W)
 _HALFWORDS = BLOCK_COLS // 4  # halfwords per block row
-_BLOCK = BLOCK_ROWS * _HALFWORDS  # halfwords per block
 
 
 @dataclass(frozen=True)
@@ -254,23 +253,6 @@ if HAVE_TRITON:
                 s = s_next
                 s_next = tl.load(s_ptr + (tl.minimum(k0 + BLOCK_K, K - 1) >> GS_SHIFT) * N + offs_n, mask=n_mask,
                                  other=0.0).to(tl.float32)  # fmt: skip
-                if HAS_ZERO:  # a 2-D load (not a broadcast row) keeps the operand's chain from load to MMA elementwise
-                    zg = (k0 >> GS_SHIFT) + offs_j * 0
-                    zt = tl.load(z_ptr + zg[None, :] * N + offs_n[:, None], mask=n_mask[:, None], other=0)
-                    if ASM:  # MAGIC_VALUE + zero by OR-ing the offset's bits, two per register (no conversion)
-                        zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
-                    else:
-                        zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
-            elif not SLICE_GROUPS:  # groups of ≥ 64 columns: the four slices of a halfword share their group
-                g = tl.minimum((k0 + koff) >> GS_SHIFT, G - 1)  # padding columns (x = 0) clamp to a real group
-                sz_off = g[None, :] * N + offs_n[:, None]
-                sc = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0)
-                if HAS_ZERO:
-                    zt = tl.load(z_ptr + sz_off, mask=n_mask[:, None], other=0)
-                    if ASM:
-                        zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
-                    else:
-                        zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for p in tl.static_range(4):
                 kx = k0 + koff + 16 * p  # the columns nibble p of this step's halfwords hold
@@ -281,16 +263,22 @@ if HAVE_TRITON:
                     xt = tl.load(x_ptrs, mask=m_mask[None, :] & (kx < K)[:, None], other=0.0)
                 if UPCAST:
                     xt = xt.to(tl.float32)
-                if SLICE_GROUPS:  # each slice's columns have their own groups (g_idx, or groups under 64 columns)
-                    if SCALE_MODE == 1:
-                        g = tl.minimum(kx >> GS_SHIFT, G - 1)
-                    else:
+                # per-element scale and zero rows, as 2-D loads (a broadcast row would break the operand's
+                # elementwise chain from load to MMA): once per step where groups span ≥ 64 columns (the four
+                # slices of a halfword share their group), per slice for g_idx or smaller groups
+                if (SCALE_MODE != 0 or HAS_ZERO) and (SLICE_GROUPS or p == 0):
+                    if SCALE_MODE == 2:
                         g = tl.load(gidx_ptr + tl.minimum(kx, K - 1))
+                    elif SCALE_MODE == 1:
+                        g = tl.minimum(kx >> GS_SHIFT, G - 1)  # padding columns (x = 0) clamp to a real group
+                    else:
+                        g = (k0 >> GS_SHIFT) + offs_j * 0  # the step lies inside one group
                     sz_off = g[None, :] * N + offs_n[:, None]
-                    sc = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0)
+                    if SCALE_MODE != 0:
+                        sc = tl.load(s_ptr + sz_off, mask=n_mask[:, None], other=0.0)
                     if HAS_ZERO:
                         zt = tl.load(z_ptr + sz_off, mask=n_mask[:, None], other=0)
-                        if ASM:
+                        if ASM:  # MAGIC_VALUE + zero by OR-ing the offset's bits, two per register (no conversion)
                             zz = tl.inline_asm_elementwise(ASMZ, "=r,r", [zt], xdt, True, 2)
                         else:
                             zz = (zt.to(tl.float32) + MAGIC_VALUE).to(cdt)
