@@ -311,3 +311,25 @@ def test_kernel_on_cuda(group, symmetric, gidx_kind, m):
         assert_matches(y, x, w, lay, w4a16.TUNER.best[w4a16.Tuner.key(x, lay)])
     finally:
         _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
+    """float16 activations (the 1024 + code offset in the PTX: 0x6400) and float32 scales (weights scaled in float32
+    then rounded, outside the 16-bit multiply) on every candidate."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        n, k = 1000, 2048
+        args = ct_tensors(n, k, 128, symmetric, None, seed=m, device="cuda")
+        w = ct_int.dequant_reference(**args)
+        x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.float16)
+        for scale_dtype in (torch.bfloat16, torch.float32):
+            lay = layout_of({**args, "scale": args["scale"].to(scale_dtype)})
+            for cfg in w4a16.candidates(m, lay, x.device, x.dtype):
+                assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+    finally:
+        _restore_interpret()
