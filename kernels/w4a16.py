@@ -38,6 +38,7 @@ TRITON_INTERPRET=1 the first candidate runs (plain Triton arithmetic instead of 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -91,11 +92,11 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] → the kernel's tiled qweight int16 [N', K'/4] (see the module docstring)."""
     n, k = codes.shape
     np_, kp = _ceil(n, BLOCK_ROWS), _ceil(k, BLOCK_COLS)
-    c = torch.zeros(np_, kp, dtype=torch.int32, device=codes.device)
-    c[:n, :k] = codes.to(torch.int32)
+    c = torch.zeros(np_, kp, dtype=torch.int16, device=codes.device)
+    c[:n, :k] = codes
     c = c.view(np_, kp // 64, 4, 16)  # [row, super-tile, nibble p, halfword-in-super-tile]
-    h = c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)
-    h = torch.where(h >= 1 << 15, h - (1 << 16), h).to(torch.int16).view(np_, kp // 4)
+    # int16 shifts wrap: code << 12 lands in the sign bit as the bit pattern wants
+    h = (c[:, :, 0] | (c[:, :, 1] << 4) | (c[:, :, 2] << 8) | (c[:, :, 3] << 12)).view(np_, kp // 4)
     tiles = h.view(np_ // BLOCK_ROWS, BLOCK_ROWS, kp // BLOCK_COLS, _HALFWORDS).permute(0, 2, 1, 3)
     return tiles.contiguous().view(np_, kp // 4)
 
@@ -199,14 +200,17 @@ def reference_matmul(x: torch.Tensor, w: W4Layout, bias: torch.Tensor | None = N
 # Triton kernel
 
 
-def asm_codes(magic_bits: int) -> tuple[str, str, str, str]:
+@functools.cache
+def asm_codes(magic_bits: int) -> tuple[str, str, str, str, str]:
     """PTX turning nibble p (p = 0…3) of each of two halfwords in a 32-bit register into two 16-bit floats
-    MAGIC_VALUE + code: a shift, then one LOP3 computing (v & 0x000F000F) | magic·0x10001."""
+    MAGIC_VALUE + code (a shift, then one LOP3 computing (v & 0x000F000F) | magic·0x10001), and last the zero
+    points' form: int16 zero | magic·0x10001 is MAGIC_VALUE + zero."""
     m = f"0x{magic_bits * 0x10001:08X}"
     lop = "lop3.b32 $0, {src}, 0x000F000F, " + m + ", 0xEA;"
-    return (lop.format(src="$1"),) + tuple(
+    shifted = tuple(
         "{ .reg .b32 t; shr.b32 t, $1, " + str(4 * p) + "; " + lop.format(src="t") + " }" for p in (1, 2, 3)
     )
+    return (lop.format(src="$1"), *shifted, f"or.b32 $0, $1, {m};")
 
 
 if HAVE_TRITON:
@@ -532,7 +536,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if serial else y
     dummy = w.qweight
     cnt = _counters(x2.device, tiles) if serial else dummy
-    a0, a1, a2, a3 = asm_codes(magic_bits)
+    a0, a1, a2, a3, az = asm_codes(magic_bits)
     LAST_KERNEL = _w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, y, ws, cnt,
@@ -541,8 +545,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
         HAS_ZERO=w.zeros is not None, SCALE_MODE=mode, REDUCE=1 if atomic else 2 if serial else 0,
         S16=w.scales.dtype == x2.dtype and not upcast, EVEN_K=k % cfg.block_k == 0,
         SLICE_GROUPS=mode == 2 or (mode == 1 and w.n_groups > 1 and w.group_size < 64), MAGIC_VALUE=magic_value,
-        ASM=not interpreting, UPCAST=upcast, ASMZ=f"or.b32 $0, $1, 0x{magic_bits * 0x10001:08X};",
-        ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
+        ASM=not interpreting, UPCAST=upcast, ASMZ=az, ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
