@@ -617,6 +617,8 @@ class Tuner:
         if interpret_mode() or not x2.is_cuda or len(cands) == 1:
             self.best[key] = cands[0]
             return cands[0]
+        if torch.cuda.is_current_stream_capturing():  # a caller's graph capture: no timing inside it, nothing kept
+            return cands[0]
         props = torch.cuda.get_device_properties(x2.device)
         ws = _copies(w, 2 * getattr(props, "L2_cache_size", 50 << 20))
         times = {}

@@ -333,3 +333,30 @@ def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
                 assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
     finally:
         _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_untuned_call_inside_a_graph_capture_takes_the_default():
+    """A call captured into a caller's CUDA graph before its shape was tuned runs the first candidate (no timing can
+    run inside a capture) and leaves the shape untuned; the replay equals the eager result."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        args = ct_tensors(520, 1024, 128, True, None, seed=7, device="cuda")
+        lay = layout_of(args)
+        x = (torch.randn(5, 1024, device="cuda") * 0.5).to(torch.bfloat16)
+        first = w4a16.candidates(5, lay, x.device, x.dtype)[0]
+        eager = w4a16.w4a16_matmul(x, lay, config=first)  # compiles the kernel outside the capture
+        key = w4a16.Tuner.key(x, lay)
+        w4a16.TUNER.best.pop(key, None)
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            y = w4a16.w4a16_matmul(x, lay)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager) and key not in w4a16.TUNER.best
+    finally:
+        _restore_interpret()
