@@ -173,12 +173,8 @@ def dequantize(w: W4Layout) -> torch.Tensor:
     """float32 [N, K] in the weight's original column order, computed from the kernel layout in plain torch."""
     n, k = w.shape
     codes = unpack_codes(w.qweight, w.shape).float()
-    if w.perm is not None:
-        group = torch.arange(k, device=codes.device) // w.group_size
-    elif w.g_idx is not None:
-        group = w.g_idx.long()
-    else:
-        group = torch.arange(k, device=codes.device) // w.group_size
+    # act-order stored sorted (perm) has static groups in the stored column order, like no act-order
+    group = w.g_idx.long() if w.g_idx is not None else torch.arange(k, device=codes.device) // w.group_size
     zero = w.zeros.T.float()[:, group] if w.zeros is not None else 8.0
     out = (codes - zero) * w.scales.T.float()[:, group]
     if w.perm is not None:
