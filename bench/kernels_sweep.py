@@ -2,7 +2,10 @@
 the bench's shapes and batch sizes, to choose what ``candidates()`` offers the Tuner.
 
     python bench/kernels_sweep.py [--out DIR] [--shapes all|K,N;...] [--ms 1,4,16,64,128,512] [--budget SECS]
-                                  [--jobs 8] [--top 4]
+                                  [--jobs 8] [--top 4] [--from sweep|candidates] [--variants d,e,a,dea...]
+
+``--from candidates`` times the Tuner's short list instead of the full sweep; ``--variants`` adds copies of every
+fused configuration with a programmatic dependent launch (d), L2 eviction hints (e), fp32-reduction split-K (a).
 
 Same weights, checks and timing as bench/kernels_matmul.py (random codes, bf16 group-128 scales, symmetric; CUDA-
 graph replays cycling through > L2 of weight copies). Each configuration's output is checked against F.linear on
@@ -20,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,9 +38,28 @@ from kernels_matmul import MS, ROTATE_BYTES, SHAPES, copy_bandwidth, graph_time,
 ORDER = [(8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
 
 
+VARIANTS: list[tuple[bool, bool, bool]] = []  # (pdl, evict, atomic) variants of every fused configuration
+FROM_CANDIDATES = False  # --from candidates: the Tuner's short list instead of the full sweep
+
+
 def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
     """Every launch shape worth a timing for [m, k] × [n, k]ᵀ with group 128 (split-K factors chosen so the grid
-    fills the multiprocessors 1–8 times over, each split keeping ≥ 2 K tiles)."""
+    fills the multiprocessors 1–8 times over, each split keeping ≥ 2 K tiles), each also in the --variants given."""
+    base = _candidates(m, n, k) if FROM_CANDIDATES else _sweep_configs(m, n, k, sms)
+    out = list(base)
+    for pdl, ev, at in VARIANTS:
+        out += [dataclasses.replace(c, pdl=pdl, evict=ev, atomic=at or c.atomic) for c in base if c.kind == "fused"]
+    return list(dict.fromkeys(out))
+
+
+def _candidates(m: int, n: int, k: int) -> list:
+    from qconv.kernels import w4a16
+
+    lay = w4a16.W4Layout(torch.empty(0, dtype=torch.int16), torch.empty(k // 128, 0), None, 128, (n, k))
+    return w4a16.candidates(m, lay, torch.device("cuda"))
+
+
+def _sweep_configs(m: int, n: int, k: int, sms: int) -> list:
     from qconv.kernels.w4a16 import Config
 
     def splits(bn: int, bm: int, bk: int) -> list[int]:
@@ -57,7 +80,7 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
             for s in splits(bn, 16, bk):
                 out.append(Config(bn, 16, bk, s, warps, stages, scale_w=sw))
         s = max(splits(128, 16, 128))
-        if s > 1:  # fp32 atomics on a zeroed workspace (three launches) against the in-kernel reduction
+        if s > 1:  # fp32 reductions into one self-cleaning tile against partial tiles added in order
             out.append(Config(128, 16, 128, s, 4, 3, atomic=True))
     else:
         cap = max(64, 1 << (m - 1).bit_length())
@@ -65,7 +88,7 @@ def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
                  (256, 64, 128, 8, 3, False), (128, 64, 256, 4, 3, True), (128, 128, 128, 8, 3, False),
                  (128, 128, 128, 8, 4, False), (128, 128, 128, 8, 3, True), (256, 128, 128, 8, 3, True),
                  (128, 128, 64, 8, 4, False), (64, 128, 128, 4, 4, False), (128, 256, 128, 8, 3, True),
-                 (128, 256, 64, 8, 4, True), (256, 256, 64, 8, 3, True)]  # fmt: skip
+                 (128, 256, 64, 8, 4, True), (256, 256, 64, 8, 3, True), (256, 128, 128, 16, 3, True)]  # fmt: skip
         for bn, bm, bk, warps, stages, sw in tiles:
             if bm > cap:
                 continue
@@ -112,7 +135,7 @@ def precompile(ms: list[int], part: int, parts: int) -> None:
         for k, n in ORDER:
             for cfg in sweep_configs(m, n, k, sms):
                 key = (m == 1, m % 16 == 0, cfg.kind, cfg.block_n, cfg.block_m, cfg.block_k, cfg.split_k > 1,
-                       cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.atomic)  # fmt: skip
+                       cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.atomic, cfg.pdl, cfg.evict)  # fmt: skip
                 if key not in seen:
                     seen.add(key)
                     jobs.append((m, cfg))
@@ -193,9 +216,19 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=270.0, help="seconds; stop timing new configurations after")
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile processes (0: compile while timing)")
     ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--variants", default="", help="variants of fused configurations, comma-separated: d (dependent "
+                    "launch), e (L2 eviction hints), a (fp32-reduction split-K), or e.g. dea")  # fmt: skip
+    ap.add_argument("--from", dest="source", choices=("sweep", "candidates"), default="sweep")
     ap.add_argument("--precompile-part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
+    global FROM_CANDIDATES
+    FROM_CANDIDATES = args.source == "candidates"
+    for v in filter(None, args.variants.split(",")):
+        mt = re.fullmatch(r"(d)?(e)?(a)?", v)
+        if not mt:
+            ap.error(f"--variants: {v!r} is not d, e, a or a combination in that order")
+        VARIANTS.append((bool(mt.group(1)), bool(mt.group(2)), bool(mt.group(3))))
     if args.precompile_part:
         part, parts = (int(v) for v in args.precompile_part.split("/"))
         precompile(ms, part, parts)
@@ -214,7 +247,8 @@ def main() -> None:
         log_f.flush()
 
     if args.jobs:
-        procs = [subprocess.Popen([sys.executable, __file__, "--ms", args.ms, "--precompile-part", f"{i}/{args.jobs}"])
+        same = ["--ms", args.ms, "--variants", args.variants, "--from", args.source]
+        procs = [subprocess.Popen([sys.executable, __file__, *same, "--precompile-part", f"{i}/{args.jobs}"])
                  for i in range(args.jobs)]  # fmt: skip
         for p in procs:
             p.wait()

@@ -28,12 +28,16 @@ unpacked tile). Codes become 16-bit floats without a conversion: ``code | 0x4300
 MAGIC + zero in 16-bit arithmetic is exact. Scaling (``SCALE_MODE``): 0 — the exact products' float32 partial sum of
 a K tile times its group's scale (K tiles inside one group); 1 — weights multiplied by their scale in 16 bits
 first, one rounding as loaders do, the MMA accumulating in place (any power-of-two group, large batches); 2 — as 1
-with each column's group read from g_idx. Split-K: partial tiles meet in a float32 workspace and the last program of
-each output tile (an acq_rel counter it resets) adds them in a fixed order — one launch, deterministic; fp32 atomics
-on a zeroed workspace remain as an option. For large batches a dequantizing kernel writing 16-bit weights followed by
-torch's matmul competes too. Launch shapes are chosen per (M bucket, N, K, group, layout) by timing the short list of
-``candidates()`` (what won bench/kernels_sweep.py on the H100) on the first call (``Tuner``); under
-TRITON_INTERPRET=1 the first candidate runs (plain Triton arithmetic instead of the inline PTX).
+with each column's group read from g_idx. Split-K, one launch: partial tiles meet in float32 scratch laid out in
+the accumulator's own order, and the last program of each output tile (an acq_rel counter it resets) writes y —
+either adding one tile per split in a fixed order (deterministic), or reading the one tile every split added into
+by fp32 reductions and zeroing it (half the traffic and one read: the tuner's choice unless
+QCONV_W4A16_DETERMINISTIC=1). On Hopper the kernel is a programmatic dependent launch: its launch overlaps the
+previous kernel's tail, and it waits for that kernel before reading x or the scratch. For large batches a
+dequantizing kernel writing 16-bit weights followed by torch's matmul competes too. Launch shapes are chosen per
+(M bucket, N, K, group, layout) by timing the short list of ``candidates()`` (what won bench/kernels_sweep.py on
+the H100) on the first call (``Tuner``); under TRITON_INTERPRET=1 the first candidate runs (plain Triton arithmetic
+instead of the inline PTX).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ import torch
 
 from qconv.formats.bitpack import unpack_rows
 from qconv.kernels._triton import HAVE_TRITON, interpret_mode, lazy_jit, tl, triton
+
+if HAVE_TRITON:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # 16-bit float bit patterns: OR-ing a 4-bit code into the mantissa gives MAGIC_VALUE + code exactly.
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
@@ -217,7 +224,8 @@ if HAVE_TRITON:
         M, N, K, G, KB, GS_SHIFT, stride_xm, stride_ym, k_per_split, n_split,
         HAS_ZERO: tl.constexpr, SCALE_MODE: tl.constexpr, REDUCE: tl.constexpr, S16: tl.constexpr,
         EVEN_K: tl.constexpr, SLICE_GROUPS: tl.constexpr, MAGIC_VALUE: tl.constexpr, ASM: tl.constexpr,
-        UPCAST: tl.constexpr, ASMZ: tl.constexpr,
+        UPCAST: tl.constexpr, ASMZ: tl.constexpr, PDL: tl.constexpr,
+        EV_W: tl.constexpr, EV_WS: tl.constexpr,
         ASM0: tl.constexpr, ASM1: tl.constexpr, ASM2: tl.constexpr, ASM3: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
@@ -245,10 +253,18 @@ if HAVE_TRITON:
             s_next = tl.load(s_ptr + (k_lo >> GS_SHIFT) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if not HAS_ZERO:
             zz = tl.full((BLOCK_N, BLOCK_K // 4), 8.0 + MAGIC_VALUE, cdt)
+        if PDL:
+            # launched as a programmatic dependent: the launch and the lines above (weights' constants only) overlap
+            # the previous kernel's tail; x, the scratch tiles and the counters are touched only once it has
+            # finished and flushed. The next kernel may then launch (it waits the same way before touching anything)
+            gdc_wait()
+            gdc_launch_dependents()
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            kh = k0 // 4 + offs_j
-            words = tl.load(qw_ptr + row_off[:, None] + ((kh // 32) * 2048 + kh % 32)[None, :],
-                            mask=n_mask[:, None], other=0)  # fmt: skip
+            # k0 // 4 + offs_j's place in the blocks, written so that the compiler sees runs of ≥ 8 halfwords at
+            # 16-byte aligned addresses (16-byte copies; from (kh // 32) * 2048 + kh % 32 it proved 8 bytes)
+            k_base = tl.multiple_of((k0 // 128) * 2048 + (k0 % 128) // 4, 16)
+            words = tl.load(qw_ptr + row_off[:, None] + (k_base + (offs_j // 32) * 2048 + offs_j % 32)[None, :],
+                            mask=n_mask[:, None], other=0, eviction_policy=EV_W)  # fmt: skip
             if SCALE_MODE == 0:
                 s = s_next
                 s_next = tl.load(s_ptr + (tl.minimum(k0 + BLOCK_K, K - 1) >> GS_SHIFT) * N + offs_n, mask=n_mask,
@@ -308,18 +324,35 @@ if HAVE_TRITON:
         mask = n_mask[:, None] & m_mask[None, :]
         if REDUCE == 0:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        elif REDUCE == 1:  # partial tiles added into a zeroed float32 workspace (y_ptr), cast by the caller
-            tl.atomic_add(y_ptrs, acc, mask=mask)
         else:
-            # partial tiles meet in a float32 workspace [n_split, M, N]; the last program of an output tile (an
-            # acq_rel counter, which it resets for the next launch) adds them in split order and writes y
-            ws_off = offs_m[None, :] * N + offs_n[:, None]
-            tl.store(ws_ptr + pid_k * M * N + ws_off, acc, mask=mask)
+            # split-K: partial tiles meet in a float32 workspace laid out tile by tile in the accumulator's own order
+            # (row n, then m: a thread's adjacent m are adjacent words, no shuffle and no mask but M's); the last
+            # program of an output tile (an acq_rel counter, which it resets for the next launch) writes y.
+            # REDUCE 1: every split adds into one self-cleaning tile (fp32 reductions; the last exchanges it for
+            # zeros); REDUCE 2: one tile per split, added by the last in split order (deterministic)
+            tile_off = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+            m_ok = m_mask[None, :] & (tile_off >= 0)
+            n_tiles = tl.num_programs(0)
+            if REDUCE == 1:
+                ws_tile = ws_ptr + pid * (BLOCK_N * BLOCK_M) + tile_off
+                tl.atomic_add(ws_tile, acc, mask=m_ok, sem="relaxed")
+            else:
+                tl.store(ws_ptr + (pid_k * n_tiles + pid) * (BLOCK_N * BLOCK_M) + tile_off, acc, mask=m_ok,
+                         eviction_policy=EV_WS)  # fmt: skip
             done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if done == n_split - 1:
-                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for sk in range(n_split):
-                    total += tl.load(ws_ptr + sk * M * N + ws_off, mask=mask, other=0.0, cache_modifier=".cg")
+                if REDUCE == 1:
+                    # read and zero in one exchange: a load and a store of zeros are free to sit in different thread
+                    # layouts, and a thread could zero a sum before another thread had read it
+                    # (as int32 bits: the interpreter exchanges integers only)
+                    zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+                    bits = tl.atomic_xchg(ws_tile.to(tl.pointer_type(tl.int32)), zero, mask=m_ok, sem="relaxed")
+                    total = tl.where(m_ok, bits, 0).to(tl.float32, bitcast=True)
+                else:
+                    total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                    for sk in range(n_split):
+                        total += tl.load(ws_ptr + (sk * n_tiles + pid) * (BLOCK_N * BLOCK_M) + tile_off, mask=m_ok,
+                                         other=0.0, cache_modifier=".cg")  # fmt: skip
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(cnt_ptr + pid, 0)
 
@@ -359,10 +392,13 @@ class Config:
     """One launch shape: tiles, split-K factor, warps, pipeline stages, and kind:
 
     - "fused": the tensor-core W4A16 kernel (BLOCK_K a multiple of 64). split_k > 1 splits K over programs whose
-      partial tiles meet in a float32 workspace, added by the last program of each tile (one launch), or with
-      ``atomic`` in fp32 atomics on a zeroed workspace cast afterwards (three launches). ``scale_w``: weights scaled
+      partial tiles meet in a float32 workspace, added by the last program of each tile in split order, or with
+      ``atomic`` added as they come by fp32 reductions into one self-cleaning tile (less traffic; the order, so the
+      last bits, may vary between runs); one launch either way. ``scale_w``: weights scaled
       and rounded to 16 bits before the MMA (as loaders do; one accumulator) instead of scaling each K tile's exact
-      partial product (which needs K tiles inside one group: forced where the layout has no such tiles).
+      partial product (which needs K tiles inside one group: forced where the layout has no such tiles). ``pdl``:
+      launched as a programmatic dependent (Hopper), so its launch overlaps the previous kernel's tail. ``evict``:
+      weight loads marked evict-first and split-K partial tiles evict-last in L2.
     - "dequant": 16-bit weights written by a dequantizing kernel, then torch's matmul (large batches).
     """
 
@@ -375,11 +411,14 @@ class Config:
     kind: str = "fused"
     scale_w: bool = False
     atomic: bool = False
+    pdl: bool = False
+    evict: bool = False
 
     def label(self) -> str:
         if self.kind == "dequant":
             return "dequant+matmul"
         extra = ("r" if self.scale_w else "") + ("a" if self.atomic else "")
+        extra += ("d" if self.pdl else "") + ("e" if self.evict else "")
         return (f"n{self.block_n}m{self.block_m}k{self.block_k}s{self.split_k}w{self.num_warps}"
                 f"p{self.num_stages}{extra}")  # fmt: skip
 
@@ -423,47 +462,51 @@ def exact_k_tile(w: W4Layout) -> int | None:
     return 64 if w.group_size % 64 == 0 else None
 
 
-def candidates(m: int, w: W4Layout, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[Config]:
+def candidates(
+    m: int, w: W4Layout, device: torch.device, dtype: torch.dtype = torch.bfloat16, deterministic: bool = False
+) -> list[Config]:
     """Launch shapes worth timing for an [m, K] × [N, K]ᵀ product (the first is the untimed default).
 
     The short lists are what won bench/kernels_sweep.py on the H100 (BENCHMARKS.md, kernels (#6)): up to 16 rows —
     128/256 × 16 tiles of 128 columns, split so the grid holds ~1–4 programs per multiprocessor; up to 64 rows —
     256 × 64 or 128 × 64; up to 128 rows — 256 × 128 with weights scaled before the MMA (the largest weights), or
     256/128 × 64 exact; larger batches — 256 × 128 and 128 × 128 tiles, and dequantize + matmul. Layouts without
-    an exact K tile scale weights before the MMA.
+    an exact K tile scale weights before the MMA. On Hopper every fused shape is a programmatic dependent launch.
+    Split-K partial tiles of up to 16 rows meet in fp32 reductions (``atomic``), wider ones both ways (the tuner
+    times each); ``deterministic`` keeps only the fixed-order sum. Up to 64 rows and with reductions, weights stream
+    evict-first past the partial tiles kept in L2 (128-row reductions ran ~20 % slower without; larger batches
+    re-read a weight tile for each row block, from L2).
     """
     n, k = w.shape
     sms = _sm_count(device)
     bk_exact = exact_k_tile(w)
     exact = bk_exact is not None
     tiles = lambda bn, bm: triton.cdiv(m, bm) * triton.cdiv(n, bn)  # noqa: E731
+    pdl = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
-    def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> Config:
+    def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> list[Config]:
         sw = scale_w or not exact
         bk = 128 if sw else bk_exact
-        return Config(bn, bm, bk, _split(tiles(bn, bm), k, bk, per_sm, sms), warps, stages, scale_w=sw)
+        split = _split(tiles(bn, bm), k, bk, per_sm, sms)
+        c = Config(bn, bm, bk, split, warps, stages, scale_w=sw, pdl=pdl, evict=m <= 64)
+        if split == 1 or deterministic:
+            return [c]
+        red = replace(c, atomic=True, evict=True)
+        # reductions win for 16-row tiles; for wider ones the partial tiles' traffic and the atomics' cost vary
+        return [red] if m <= SMALL_M else [red, c]
 
     if m <= SMALL_M:
-        out = [
-            cfg(128, 16, 3, 4, 3),
-            cfg(256, 16, 2, 8, 3),
-            cfg(128, 16, 2, 4, 3),
-            cfg(64, 16, 2, 4, 4),
-            cfg(256, 16, 1, 8, 3),
-            cfg(128, 16, 4, 4, 3),
-        ]
+        shapes = [cfg(128, 16, 3, 4, 3), cfg(128, 16, 4, 4, 3), cfg(128, 16, 2, 4, 3), cfg(256, 16, 2, 8, 3),
+                  cfg(256, 16, 4, 8, 3), cfg(256, 16, 1, 8, 3), cfg(64, 16, 2, 4, 4)]  # fmt: skip
     elif m <= 64:
-        out = [cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3)]
+        shapes = [cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3)]
     elif m <= 128:
-        out = [
-            cfg(256, 128, 1, 8, 3, True),
-            cfg(256, 64, 1, 8, 3),
-            cfg(128, 64, 2, 4, 3),
-            cfg(128, 64, 2, 8, 4),
-            cfg(256, 128, 2, 8, 3, True),
-        ]
+        shapes = [cfg(256, 128, 1, 8, 3, True), cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3), cfg(128, 64, 2, 8, 4),
+                  cfg(256, 128, 2, 8, 3, True)]  # fmt: skip
     else:
-        out = [cfg(256, 128, 1, 8, 3, True), cfg(128, 128, 1, 8, 4), Config(64, 0, 128, kind="dequant")]
+        shapes = [cfg(256, 128, 1, 8, 3, True), cfg(256, 128, 1, 16, 3, True), cfg(128, 128, 1, 8, 4),
+                  [Config(64, 0, 128, kind="dequant")]]  # fmt: skip
+    out = [c for variants in shapes for c in variants]
     return list(dict.fromkeys(out))
 
 
@@ -480,17 +523,21 @@ def dequantize_16(w: W4Layout, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_SCRATCH: dict[tuple[torch.device, str], torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros [≥ n] on ``device``, kept between calls: the split-K kernels count arrivals per output tile in
-    them and the last arrival resets its counter, so they are zero again after every launch. Launches sharing the
-    buffer must not run concurrently (one stream; a CUDA graph captures it like any tensor once allocated)."""
-    buf = _COUNTERS.get(device)
+def _scratch(device: torch.device, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros [≥ n] of ``dtype`` on ``device``, kept between calls: the split-K kernels count arrivals per output
+    tile ("counts") or add partial tiles ("sums") in them, and the last arrival of each tile zeroes what it used, so
+    they are zero again after every launch. Launches sharing them must not run concurrently (one stream; a CUDA
+    graph captures them like any tensor once allocated)."""
+    buf = _SCRATCH.get((device, name))
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
+        if buf is not None:
+            _OUTGROWN.append(buf)  # a captured CUDA graph may still point at it: never freed
+        buf = torch.zeros(max(n, 1 << 14), dtype=dtype, device=device)
+        _SCRATCH[(device, name)] = buf
     return buf
 
 
@@ -519,33 +566,37 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     k_steps = triton.cdiv(k, cfg.block_k)
     k_per_split = triton.cdiv(k_steps, cfg.split_k) * cfg.block_k
     split = triton.cdiv(k, k_per_split)
-    atomic = split > 1 and cfg.atomic
-    if atomic:
-        y = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-    else:
-        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    reduce = 0 if split == 1 else 1 if cfg.atomic else 2
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     magic_bits, magic_value = MAGIC[x2.dtype]
     interpreting = interpret_mode()
     upcast = interpreting and x2.dtype == torch.bfloat16
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    serial = split > 1 and not atomic
-    ws = torch.empty(split, m, n, dtype=torch.float32, device=x2.device) if serial else y
+    tile_floats = tiles * cfg.block_n * cfg.block_m
+    if reduce == 1:
+        ws = _scratch(x2.device, "sums", tile_floats, torch.float32)
+    elif reduce == 2:
+        ws = torch.empty(split * tile_floats, dtype=torch.float32, device=x2.device)
+    else:
+        ws = y
     dummy = w.qweight
-    cnt = _counters(x2.device, tiles) if serial else dummy
+    cnt = _scratch(x2.device, "counts", tiles, torch.int32) if reduce else dummy
     a0, a1, a2, a3, az = asm_codes(magic_bits)
     LAST_KERNEL = _w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, y, ws, cnt,
         m, n, k, w.n_groups, w.qweight.shape[1] // _HALFWORDS, _group_shift(w), x2.stride(0), y.stride(0),
         k_per_split, split,
-        HAS_ZERO=w.zeros is not None, SCALE_MODE=mode, REDUCE=1 if atomic else 2 if serial else 0,
+        HAS_ZERO=w.zeros is not None, SCALE_MODE=mode, REDUCE=reduce,
         S16=w.scales.dtype == x2.dtype and not upcast, EVEN_K=k % cfg.block_k == 0,
         SLICE_GROUPS=mode == 2 or (mode == 1 and w.n_groups > 1 and w.group_size < 64), MAGIC_VALUE=magic_value,
-        ASM=not interpreting, UPCAST=upcast, ASMZ=az, ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
+        ASM=not interpreting, UPCAST=upcast, ASMZ=az, PDL=cfg.pdl and not interpreting,
+        EV_W="evict_first" if cfg.evict else "", EV_WS="evict_last" if cfg.evict else "",
+        ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=cfg.pdl and not interpreting,
     )  # fmt: skip
-    return y.to(x2.dtype) if atomic else y
+    return y
 
 
 def _copies(w: W4Layout, nbytes: int) -> list[W4Layout]:
@@ -583,9 +634,14 @@ def graph_time(fns: list, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _deterministic() -> bool:
+    return os.environ.get("QCONV_W4A16_DETERMINISTIC", "0") == "1"
+
+
 class Tuner:
     """Chooses a Config per (M bucket, N, K, group size, zero/g_idx layout, dtype, device) by timing the
-    candidates once; under the interpreter takes the first candidate.
+    candidates once; under the interpreter takes the first candidate. QCONV_W4A16_DETERMINISTIC=1 leaves out the
+    split-K shapes whose fp32 reductions may round differently from run to run.
 
     Timing: CUDA-graph replays (launch overhead out, as in a decode graph) cycling through copies of the weight
     totalling twice the L2 cache, so every call reads its weight from HBM like a model's layers do (a cache flush
@@ -600,13 +656,14 @@ class Tuner:
     def key(x2: torch.Tensor, w: W4Layout) -> tuple:
         m = x2.shape[0]
         bucket = m if m <= SMALL_M else triton.next_power_of_2(m)
-        return (bucket, *w.shape, w.group_size, w.zeros is not None, w.g_idx is not None, x2.dtype, x2.device)
+        return (bucket, *w.shape, w.group_size, w.zeros is not None, w.g_idx is not None, x2.dtype, x2.device,
+                _deterministic())  # fmt: skip
 
     def config(self, x2: torch.Tensor, w: W4Layout) -> Config:
         key = self.key(x2, w)
         if key in self.best:
             return self.best[key]
-        cands = candidates(x2.shape[0], w, x2.device, x2.dtype)
+        cands = candidates(x2.shape[0], w, x2.device, x2.dtype, _deterministic())
         forced = os.environ.get("QCONV_W4A16_CONFIG")
         if forced:
             cands = [c for c in cands if c.label() == forced] or cands

@@ -108,7 +108,8 @@ def assert_matches(y, x, w, lay: w4a16.W4Layout | None = None, cfg: w4a16.Config
     ulp = torch.finfo(y.dtype).eps * ref.abs().clamp_min(torch.finfo(y.dtype).tiny)
     err = (y.double() - ref).abs()
     bad = err > ulp + rel * s
-    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements off; worst |Δ| {float(err.max()):.3g}"
+    where = f" ({cfg.label()})" if cfg is not None else ""
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements off{where}; worst |Δ| {float(err.max()):.3g}"
     assert torch.isfinite(y).all()
 
 
@@ -184,7 +185,7 @@ def test_kernel_matches_reference(interpreted, n, k, group, symmetric, gidx_kind
 @needs_triton
 @needs_interpreter
 def test_kernel_split_k_and_float16(interpreted):
-    """Split-K partial tiles meet in float32 atomics; float16 activations use the 1024 + code offset."""
+    """Split-K partial tiles meet in the float32 workspace; float16 activations use the 1024 + code offset."""
     args = ct_tensors(40, 512, 64, False, None, seed=11)
     lay = layout_of(args)
     w = ct_int.dequant_reference(**args)
@@ -214,9 +215,10 @@ C = w4a16.Config
     ],
 )  # fmt: skip
 def test_kernel_split_k_and_rounded_weights(interpreted, n, k, group, symmetric, gidx_kind, m, cfgs):
-    """Split-K (partial tiles added by the last program of a tile, or fp32 atomics), K steps of 64 and 128 columns,
-    and weights rounded to 16 bits before the MMA: all equal the reference, and a second call gives the same bits
-    (the arrival counters were reset; the in-kernel reduction adds in a fixed order)."""
+    """Split-K (partial tiles added by the last program of a tile, or fp32 reductions into a self-cleaning tile),
+    K steps of 64 and 128 columns, and weights rounded to 16 bits before the MMA: all equal the reference, and a
+    second call gives the same bits (the arrival counters and the sums were zeroed by the last program; the
+    in-kernel reduction adds in a fixed order)."""
     args = ct_tensors(n, k, group, symmetric, gidx_kind, seed=n + k)
     lay = layout_of(args)
     w = ct_int.dequant_reference(**args)
@@ -226,7 +228,8 @@ def test_kernel_split_k_and_rounded_weights(interpreted, n, k, group, symmetric,
         assert_matches(y, x, w, lay, cfg)
         if not cfg.atomic:
             assert torch.equal(y, w4a16.w4a16_matmul(x, lay, config=cfg)), cfg.label()
-    assert int(w4a16._counters(x.device, 1).abs().sum()) == 0
+        assert int(w4a16._scratch(x.device, "counts", 1, torch.int32).abs().sum()) == 0, cfg.label()
+        assert float(w4a16._scratch(x.device, "sums", 1, torch.float32).abs().sum()) == 0, cfg.label()
 
 
 def test_exact_configs_need_k_steps_inside_a_group():
@@ -307,6 +310,8 @@ def test_kernel_on_cuda(group, symmetric, gidx_kind, m):
         x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
         for cfg in w4a16.candidates(m, lay, x.device, x.dtype):
             assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+            if cfg.atomic:  # the split-K sums were zeroed again by the last program of each tile
+                assert float(w4a16._scratch(x.device, "sums", 1, torch.float32).abs().sum()) == 0, cfg.label()
         y = w4a16.w4a16_matmul(x, lay)  # the tuned choice
         assert_matches(y, x, w, lay, w4a16.TUNER.best[w4a16.Tuner.key(x, lay)])
     finally:
@@ -340,8 +345,10 @@ def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
 @needs_triton
 def test_untuned_call_inside_a_graph_capture_takes_the_default():
     """A call captured into a caller's CUDA graph before its shape was tuned runs the first candidate (no timing can
-    run inside a capture) and leaves the shape untuned; the replay equals the eager result."""
+    run inside a capture) and leaves the shape untuned; the replay equals the eager result (deterministic split-K:
+    fp32 reductions may round differently from run to run)."""
     os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["QCONV_W4A16_DETERMINISTIC"] = "1"
     try:
         args = ct_tensors(520, 1024, 128, True, None, seed=7, device="cuda")
         lay = layout_of(args)
@@ -358,5 +365,47 @@ def test_untuned_call_inside_a_graph_capture_takes_the_default():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager) and key not in w4a16.TUNER.best
+    finally:
+        os.environ.pop("QCONV_W4A16_DETERMINISTIC", None)
+        _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("m", [1, 16, 128])
+def test_chained_calls_read_their_input_after_it_is_written(m):
+    """Each call's input is the previous call's output, with no other kernel between (eagerly and replayed from a
+    CUDA graph): with programmatic dependent launches the next kernel starts before the previous has finished, and
+    must wait for it before reading x (and the split-K scratch the two share)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        k = 2048
+        lays, ws = [], []
+        for i in range(4):
+            args = ct_tensors(k, k, 128, i % 2 == 0, None, seed=40 + i, device="cuda")
+            lays.append(layout_of(args))
+            ws.append(ct_int.dequant_reference(**args))
+        x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
+        for cfg in w4a16.candidates(m, lays[0], x.device, x.dtype):
+
+            def chain(x=x, cfg=cfg):
+                outs = [x]
+                for lay in lays:  # weights ~0.05: the activations grow ~2.3× a layer, far from bfloat16's range
+                    outs.append(w4a16.w4a16_matmul(outs[-1], lay, config=cfg))
+                return outs
+
+            outs = chain()
+            for inp, out, w, lay in zip(outs[:-1], outs[1:], ws, lays, strict=True):
+                assert_matches(out, inp, w, lay, cfg)
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+                g_outs = chain()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph.replay()
+            torch.cuda.synchronize()
+            for inp, out, w, lay in zip(g_outs[:-1], g_outs[1:], ws, lays, strict=True):
+                assert_matches(out, inp, w, lay, cfg)
     finally:
         _restore_interpret()
