@@ -51,8 +51,22 @@ import torch
 from qconv.formats.bitpack import unpack_rows
 from qconv.kernels._triton import HAVE_TRITON, interpret_mode, lazy_jit, tl, triton
 
+HAVE_PDL = False  # programmatic dependent launch: triton ≥ 3.4 has the launch option and the grid-dependency ops
 if HAVE_TRITON:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    try:
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+        HAVE_PDL = True
+    except ImportError:  # pragma: no cover - older triton: the kernel's PDL branch is never compiled
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
 
 # 16-bit float bit patterns: OR-ing a 4-bit code into the mantissa gives MAGIC_VALUE + code exactly.
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
@@ -482,7 +496,7 @@ def candidates(
     bk_exact = exact_k_tile(w)
     exact = bk_exact is not None
     tiles = lambda bn, bm: triton.cdiv(m, bm) * triton.cdiv(n, bn)  # noqa: E731
-    pdl = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    pdl = HAVE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
     def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> list[Config]:
         sw = scale_w or not exact
@@ -582,6 +596,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     dummy = w.qweight
     cnt = _scratch(x2.device, "counts", tiles, torch.int32) if reduce else dummy
     a0, a1, a2, a3, az = asm_codes(magic_bits)
+    pdl_launch = {"launch_pdl": True} if cfg.pdl and not interpreting else {}
     LAST_KERNEL = _w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, y, ws, cnt,
@@ -594,7 +609,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
         EV_W="evict_first" if cfg.evict else "", EV_WS="evict_last" if cfg.evict else "",
         ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=cfg.pdl and not interpreting,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch,
     )  # fmt: skip
     return y
 
