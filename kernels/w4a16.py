@@ -61,11 +61,11 @@ if HAVE_TRITON:
 
         @triton.jit
         def gdc_wait():
-            pass
+            """Stand-in for older triton: the kernel compiles its PDL branch only where the real one exists."""
 
         @triton.jit
         def gdc_launch_dependents():
-            pass
+            """Stand-in for older triton (see gdc_wait)."""
 
 
 # 16-bit float bit patterns: OR-ing a 4-bit code into the mantissa gives MAGIC_VALUE + code exactly.
@@ -596,7 +596,8 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     dummy = w.qweight
     cnt = _scratch(x2.device, "counts", tiles, torch.int32) if reduce else dummy
     a0, a1, a2, a3, az = asm_codes(magic_bits)
-    pdl_launch = {"launch_pdl": True} if cfg.pdl and not interpreting else {}
+    pdl = cfg.pdl and not interpreting
+    pdl_launch = {"launch_pdl": True} if pdl else {}  # (older triton has no such launch option)
     LAST_KERNEL = _w4a16_kernel[(tiles, split)](
         x2, w.qweight, w.scales, w.zeros if w.zeros is not None else dummy,
         w.g_idx if w.g_idx is not None else dummy, y, ws, cnt,
@@ -605,7 +606,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
         HAS_ZERO=w.zeros is not None, SCALE_MODE=mode, REDUCE=reduce,
         S16=w.scales.dtype == x2.dtype and not upcast, EVEN_K=k % cfg.block_k == 0,
         SLICE_GROUPS=mode == 2 or (mode == 1 and w.n_groups > 1 and w.group_size < 64), MAGIC_VALUE=magic_value,
-        ASM=not interpreting, UPCAST=upcast, ASMZ=az, PDL=cfg.pdl and not interpreting,
+        ASM=not interpreting, UPCAST=upcast, ASMZ=az, PDL=pdl,
         EV_W="evict_first" if cfg.evict else "", EV_WS="evict_last" if cfg.evict else "",
         ASM0=a0, ASM1=a1, ASM2=a2, ASM3=a3,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k,

@@ -232,6 +232,27 @@ def test_kernel_split_k_and_rounded_weights(interpreted, n, k, group, symmetric,
         assert float(w4a16._scratch(x.device, "sums", 1, torch.float32).abs().sum()) == 0, cfg.label()
 
 
+def test_candidates_split_k_reductions_and_determinism(monkeypatch):
+    """On a GPU's worth of multiprocessors: split-K shapes of up to 16 rows add partial tiles by fp32 reductions
+    (evict-first weights), wider ones come both ways; deterministic=True (QCONV_W4A16_DETERMINISTIC=1 for the
+    tuner, part of its key) keeps only fixed-order sums."""
+    monkeypatch.setattr(w4a16, "_sm_count", lambda device: 132)
+    lay = layout_of(ct_tensors(64, 4096, 128, True, None, seed=3))
+    cpu = torch.device("cpu")
+    small = w4a16.candidates(16, lay, cpu)
+    assert any(c.split_k > 1 for c in small)
+    assert all(c.atomic and c.evict for c in small if c.split_k > 1)
+    wide = [c for c in w4a16.candidates(128, lay, cpu) if c.split_k > 1]
+    assert {c.atomic for c in wide} == {True, False}
+    for m in (16, 128):
+        assert not any(c.atomic for c in w4a16.candidates(m, lay, cpu, deterministic=True))
+    x = torch.zeros(16, 4096, dtype=torch.bfloat16)
+    monkeypatch.setenv("QCONV_W4A16_DETERMINISTIC", "1")
+    key = w4a16.Tuner.key(x, lay)
+    monkeypatch.delenv("QCONV_W4A16_DETERMINISTIC")
+    assert key != w4a16.Tuner.key(x, lay)
+
+
 def test_exact_configs_need_k_steps_inside_a_group():
     """A Config asking for exact K steps the layout cannot give (group 32; a 128-column step over 64-column groups;
     a step that is not a multiple of 64 columns) is refused with the reason, not run with other rounding."""
