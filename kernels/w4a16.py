@@ -32,8 +32,9 @@ with each column's group read from g_idx. Split-K, one launch: partial tiles mee
 the accumulator's own order, and the last program of each output tile (an acq_rel counter it resets) writes y —
 either adding one tile per split in a fixed order (deterministic), or reading the one tile every split added into
 by fp32 reductions and zeroing it (half the traffic and one read: the tuner's choice unless
-QCONV_W4A16_DETERMINISTIC=1). On Hopper the kernel is a programmatic dependent launch: its launch overlaps the
-previous kernel's tail, and it waits for that kernel before reading x or the scratch. For large batches a
+QCONV_W4A16_DETERMINISTIC=1). On Hopper the kernel is a programmatic dependent launch: it waits for the previous
+kernel before reading x or the scratch, and lets the next launch early, so back-to-back calls overlap one's tail
+with the next one's launch (after other kernels only launch latency is saved). For large batches a
 dequantizing kernel writing 16-bit weights followed by torch's matmul competes too. Launch shapes are chosen per
 (M bucket, N, K, group, layout) by timing the short list of ``candidates()`` (what won bench/kernels_sweep.py on
 the H100) on the first call (``Tuner``); under TRITON_INTERPRET=1 the first candidate runs (plain Triton arithmetic
@@ -268,9 +269,10 @@ if HAVE_TRITON:
         if not HAS_ZERO:
             zz = tl.full((BLOCK_N, BLOCK_K // 4), 8.0 + MAGIC_VALUE, cdt)
         if PDL:
-            # launched as a programmatic dependent: the launch and the lines above (weights' constants only) overlap
-            # the previous kernel's tail; x, the scratch tiles and the counters are touched only once it has
-            # finished and flushed. The next kernel may then launch (it waits the same way before touching anything)
+            # launched as a programmatic dependent: the launch and the lines above overlap the previous kernel's
+            # tail (they read only this weight's scales, which no kernel is expected to write between calls); x, the
+            # scratch tiles and the counters are touched only once it has finished and flushed. The next kernel may
+            # then launch (it waits the same way before touching anything)
             gdc_wait()
             gdc_launch_dependents()
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -340,7 +342,7 @@ if HAVE_TRITON:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
         else:
             # split-K: partial tiles meet in a float32 workspace laid out tile by tile in the accumulator's own order
-            # (row n, then m: a thread's adjacent m are adjacent words, no shuffle and no mask but M's); the last
+            # (row n, then m: a thread's adjacent m are adjacent words; no mask but M's); the last
             # program of an output tile (an acq_rel counter, which it resets for the next launch) writes y.
             # REDUCE 1: every split adds into one self-cleaning tile (fp32 reductions; the last exchanges it for
             # zeros); REDUCE 2: one tile per split, added by the last in split order (deterministic)
@@ -353,6 +355,9 @@ if HAVE_TRITON:
             else:
                 tl.store(ws_ptr + (pid_k * n_tiles + pid) * (BLOCK_N * BLOCK_M) + tile_off, acc, mask=m_ok,
                          eviction_policy=EV_WS)  # fmt: skip
+            # every thread's partial tile before the one thread's release below (triton 3.6 happens to place a
+            # barrier here for its own shared-memory reasons; correctness should not rest on that)
+            tl.debug_barrier()
             done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if done == n_split - 1:
                 if REDUCE == 1:
@@ -411,8 +416,8 @@ class Config:
       last bits, may vary between runs); one launch either way. ``scale_w``: weights scaled
       and rounded to 16 bits before the MMA (as loaders do; one accumulator) instead of scaling each K tile's exact
       partial product (which needs K tiles inside one group: forced where the layout has no such tiles). ``pdl``:
-      launched as a programmatic dependent (Hopper), so its launch overlaps the previous kernel's tail. ``evict``:
-      weight loads marked evict-first and split-K partial tiles evict-last in L2.
+      launched as a programmatic dependent (Hopper): waits for the previous kernel inside, lets the next launch
+      early. ``evict``: weight loads marked evict-first, and fixed-order partial tiles evict-last, in L2.
     - "dequant": 16-bit weights written by a dequantizing kernel, then torch's matmul (large batches).
     """
 
@@ -537,21 +542,29 @@ def dequantize_16(w: W4Layout, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-_SCRATCH: dict[tuple[torch.device, str], torch.Tensor] = {}
+_SCRATCH: dict[tuple, torch.Tensor] = {}
 _OUTGROWN: list[torch.Tensor] = []
 
 
 def _scratch(device: torch.device, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     """Zeros [≥ n] of ``dtype`` on ``device``, kept between calls: the split-K kernels count arrivals per output
     tile ("counts") or add partial tiles ("sums") in them, and the last arrival of each tile zeroes what it used, so
-    they are zero again after every launch. Launches sharing them must not run concurrently (one stream; a CUDA
-    graph captures them like any tensor once allocated)."""
-    buf = _SCRATCH.get((device, name))
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _OUTGROWN.append(buf)  # a captured CUDA graph may still point at it: never freed
-        buf = torch.zeros(max(n, 1 << 14), dtype=dtype, device=device)
-        _SCRATCH[(device, name)] = buf
+    they are zero again after every launch. Split-K launches sharing them must not run concurrently (one stream, or
+    streams ordered by events, as w4a16_matmul says; per-stream sets would cost their memory on every stream).
+
+    Inside a CUDA-graph capture a buffer that does not exist yet (or is too small) is the graph's own: allocated
+    and zeroed by nodes of the graph at each replay, never handed to eager calls (which would otherwise read
+    memory the replay has not zeroed yet)."""
+    key = (device, name)
+    buf = _SCRATCH.get(key)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=dtype, device=device)
+    if buf is not None:
+        _OUTGROWN.append(buf)  # a captured CUDA graph may still point at it: never freed
+    buf = torch.zeros(max(2 * n, 1 << 14), dtype=dtype, device=device)  # doubling: few outgrown buffers
+    _SCRATCH[key] = buf
     return buf
 
 
@@ -716,7 +729,10 @@ TUNER = Tuner()
 def w4a16_matmul(
     x: torch.Tensor, w: W4Layout, bias: torch.Tensor | None = None, config: Config | None = None
 ) -> torch.Tensor:
-    """x [..., K] (fp16/bf16, CUDA or interpreter) → x @ dequant(w)ᵀ (+ bias) [..., N] in x's dtype."""
+    """x [..., K] (fp16/bf16, CUDA or interpreter) → x @ dequant(w)ᵀ (+ bias) [..., N] in x's dtype.
+
+    Split-K launches on one device share scratch buffers: calls on different streams must be ordered (events), not
+    concurrent."""
     n, k = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight {k}")

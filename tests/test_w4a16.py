@@ -364,17 +364,17 @@ def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
 @pytest.mark.gpu
 @needs_cuda
 @needs_triton
-def test_untuned_call_inside_a_graph_capture_takes_the_default():
+def test_untuned_call_inside_a_graph_capture_takes_the_default(monkeypatch):
     """A call captured into a caller's CUDA graph before its shape was tuned runs the first candidate (no timing can
     run inside a capture) and leaves the shape untuned; the replay equals the eager result (deterministic split-K:
     fp32 reductions may round differently from run to run)."""
     os.environ.pop("TRITON_INTERPRET", None)
-    os.environ["QCONV_W4A16_DETERMINISTIC"] = "1"
+    monkeypatch.setenv("QCONV_W4A16_DETERMINISTIC", "1")
     try:
         args = ct_tensors(520, 1024, 128, True, None, seed=7, device="cuda")
         lay = layout_of(args)
         x = (torch.randn(5, 1024, device="cuda") * 0.5).to(torch.bfloat16)
-        first = w4a16.candidates(5, lay, x.device, x.dtype)[0]
+        first = w4a16.candidates(5, lay, x.device, x.dtype, deterministic=True)[0]
         eager = w4a16.w4a16_matmul(x, lay, config=first)  # compiles the kernel outside the capture
         key = w4a16.Tuner.key(x, lay)
         w4a16.TUNER.best.pop(key, None)
@@ -387,7 +387,36 @@ def test_untuned_call_inside_a_graph_capture_takes_the_default():
         torch.cuda.synchronize()
         assert torch.equal(y, eager) and key not in w4a16.TUNER.best
     finally:
-        os.environ.pop("QCONV_W4A16_DETERMINISTIC", None)
+        _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_split_k_scratch_first_made_inside_a_capture_belongs_to_the_graph(monkeypatch):
+    """Split-K sums and counters first needed inside a CUDA-graph capture are the graph's own (zeroed by it at each
+    replay): an eager call before the first replay gets zeroed buffers of its own, and both results are right."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        args = ct_tensors(1000, 4096, 128, True, None, seed=8, device="cuda")
+        lay = layout_of(args)
+        w = ct_int.dequant_reference(**args)
+        x = (torch.randn(16, 4096, device="cuda") * 0.5).to(torch.bfloat16)
+        cfg = next(c for c in w4a16.candidates(16, lay, x.device, x.dtype) if c.split_k > 1)
+        w4a16.w4a16_matmul(x, lay, config=cfg)  # compiled outside the capture
+        monkeypatch.setattr(w4a16, "_SCRATCH", {})
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            y_graph = w4a16.w4a16_matmul(x, lay, config=cfg)
+        torch.cuda.current_stream().wait_stream(stream)
+        for _ in range(2):
+            assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+        for _ in range(2):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert_matches(y_graph, x, w, lay, cfg)
+    finally:
         _restore_interpret()
 
 
@@ -407,8 +436,13 @@ def test_chained_calls_read_their_input_after_it_is_written(m):
             args = ct_tensors(k, k, 128, i % 2 == 0, None, seed=40 + i, device="cuda")
             lays.append(layout_of(args))
             ws.append(ct_int.dequant_reference(**args))
-        x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
-        for cfg in w4a16.candidates(m, lays[0], x.device, x.dtype):
+        cands = w4a16.candidates(m, lays[0], torch.device("cuda"), torch.bfloat16)
+        if w4a16.HAVE_PDL and torch.cuda.get_device_capability() >= (9, 0):
+            assert all(c.pdl for c in cands if c.kind == "fused")
+        for cfg in cands:
+            # a fresh input each time: the allocator hands each layer's output the blocks that held the previous
+            # configuration's (nearly equal) activations, which would hide a read before the write
+            x = (torch.randn(m, k, device="cuda") * 0.5).to(torch.bfloat16)
 
             def chain(x=x, cfg=cfg):
                 outs = [x]
