@@ -38,16 +38,31 @@ from kernels_matmul import MS, ROTATE_BYTES, SHAPES, copy_bandwidth, graph_time,
 ORDER = [(8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
 
 
-VARIANTS: list[tuple[bool, bool, bool]] = []  # (pdl, evict, atomic) variants of every fused configuration
-FROM_CANDIDATES = False  # --from candidates: the Tuner's short list instead of the full sweep
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which configurations a run times: the full sweep or the Tuner's short list (``--from``), each fused one also
+    in the ``--variants`` given as (pdl, evict, atomic)."""
+
+    from_candidates: bool = False
+    variants: tuple[tuple[bool, bool, bool], ...] = ()
+
+    @staticmethod
+    def parse(source: str, variants: str) -> Selection:
+        out = []
+        for v in filter(None, variants.split(",")):
+            mt = re.fullmatch(r"(d)?(e)?(a)?", v)
+            if not mt:
+                raise ValueError(f"--variants: {v!r} is not d, e, a or a combination in that order")
+            out.append((bool(mt.group(1)), bool(mt.group(2)), bool(mt.group(3))))
+        return Selection(source == "candidates", tuple(out))
 
 
-def sweep_configs(m: int, n: int, k: int, sms: int) -> list:
+def sweep_configs(m: int, n: int, k: int, sms: int, sel: Selection = Selection()) -> list:
     """Every launch shape worth a timing for [m, k] × [n, k]ᵀ with group 128 (split-K factors chosen so the grid
-    fills the multiprocessors 1–8 times over, each split keeping ≥ 2 K tiles), each also in the --variants given."""
-    base = _candidates(m, n, k) if FROM_CANDIDATES else _sweep_configs(m, n, k, sms)
+    fills the multiprocessors 1–8 times over, each split keeping ≥ 2 K tiles), or the Tuner's, and their variants."""
+    base = _candidates(m, n, k) if sel.from_candidates else _sweep_configs(m, n, k, sms)
     out = list(base)
-    for pdl, ev, at in VARIANTS:
+    for pdl, ev, at in sel.variants:
         out += [dataclasses.replace(c, pdl=pdl, evict=ev, atomic=at or c.atomic) for c in base if c.kind == "fused"]
     return list(dict.fromkeys(out))
 
@@ -121,7 +136,7 @@ def kernel_stats() -> dict:
     return out
 
 
-def precompile(ms: list[int], part: int, parts: int) -> None:
+def precompile(ms: list[int], part: int, parts: int, sel: Selection) -> None:
     """Compile (launch once) every configuration of the sweep's index ≡ part (mod parts), on a small weight with
     the same integer specialization (multiples of 16) as the bench's shapes."""
     from qconv.kernels import w4a16
@@ -133,7 +148,7 @@ def precompile(ms: list[int], part: int, parts: int) -> None:
     jobs = []
     for m in ms:
         for k, n in ORDER:
-            for cfg in sweep_configs(m, n, k, sms):
+            for cfg in sweep_configs(m, n, k, sms, sel):
                 key = (m == 1, m % 16 == 0, cfg.kind, cfg.block_n, cfg.block_m, cfg.block_k, cfg.split_k > 1,
                        cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.atomic, cfg.pdl, cfg.evict)  # fmt: skip
                 if key not in seen:
@@ -151,7 +166,9 @@ def precompile(ms: list[int], part: int, parts: int) -> None:
     torch.cuda.synchronize()
 
 
-def bench_shape(k: int, n: int, ms: list[int], gen, sms: int, top: int, log, deadline: float) -> list[dict]:
+def bench_shape(
+    k: int, n: int, ms: list[int], gen, sms: int, top: int, log, deadline: float, sel: Selection
+) -> list[dict]:
     from qconv.kernels import w4a16
 
     lay, codes, scales = layout(n, k, gen)
@@ -178,7 +195,7 @@ def bench_shape(k: int, n: int, ms: list[int], gen, sms: int, top: int, log, dea
                 [lambda t=t, x=x: torch._weight_int4pack_mm(x, t[0], 128, t[1]) for t in tg_ws], reps=5
             )
         res = {}
-        for cfg in sweep_configs(m, n, k, sms):
+        for cfg in sweep_configs(m, n, k, sms, sel):
             if time.time() > deadline:
                 break
             try:
@@ -222,16 +239,13 @@ def main() -> None:
     ap.add_argument("--precompile-part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
-    global FROM_CANDIDATES
-    FROM_CANDIDATES = args.source == "candidates"
-    for v in filter(None, args.variants.split(",")):
-        mt = re.fullmatch(r"(d)?(e)?(a)?", v)
-        if not mt:
-            ap.error(f"--variants: {v!r} is not d, e, a or a combination in that order")
-        VARIANTS.append((bool(mt.group(1)), bool(mt.group(2)), bool(mt.group(3))))
+    try:
+        sel = Selection.parse(args.source, args.variants)
+    except ValueError as e:
+        ap.error(str(e))
     if args.precompile_part:
         part, parts = (int(v) for v in args.precompile_part.split("/"))
-        precompile(ms, part, parts)
+        precompile(ms, part, parts, sel)
         return
     t0 = time.time()
     deadline = t0 + args.budget
@@ -259,7 +273,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     result = {"machine": machine(), "copy_bytes_per_s": bw, "rows": []}
     for k, n in shapes:
-        result["rows"] += bench_shape(k, n, ms, gen, sms, args.top, log, deadline)
+        result["rows"] += bench_shape(k, n, ms, gen, sms, args.top, log, deadline, sel)
         result["seconds"] = time.time() - t0
         (out / "kernels_sweep.json").write_text(json.dumps(result, indent=0, default=str))
     log(f"total {time.time() - t0:.0f} s")
