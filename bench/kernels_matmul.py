@@ -34,9 +34,13 @@ ROTATE_BYTES = 256 << 20  # weight copies per implementation: at least this much
 
 
 def graph_time(fns: list, reps: int = 8) -> float:
-    """Median µs per call of ``fns`` (called in turn) replayed from one CUDA graph (the kernel tuner's timing)."""
+    """Median µs per call of ``fns`` (called in turn) replayed from one CUDA graph (the kernel tuner's timing), the
+    second of two timings, for every implementation alike: on the lent H100 qconv's first timing right after its
+    tuner ran was up to 12 % slow (8192×8192 M=512: 103 µs, then 91–92 in two later passes of the same process;
+    bf16 88 µs each time)."""
     from qconv.kernels.w4a16 import graph_time as graph_ms
 
+    graph_ms(fns, 2)
     return graph_ms(fns, reps) * 1e3
 
 

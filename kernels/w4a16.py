@@ -50,6 +50,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from qconv.formats.bitpack import unpack_rows
+from qconv.kernels import w4a16_gluon
 from qconv.kernels._triton import HAVE_TRITON, interpret_mode, lazy_jit, tl, triton
 
 HAVE_PDL = False  # programmatic dependent launch: triton ≥ 3.4 has the launch option and the grid-dependency ops
@@ -419,6 +420,11 @@ class Config:
       launched as a programmatic dependent (Hopper): waits for the previous kernel inside, lets the next launch
       early. ``evict``: weight loads marked evict-first, and fixed-order partial tiles evict-last, in L2.
     - "dequant": 16-bit weights written by a dequantizing kernel, then torch's matmul (large batches).
+    - "gluon": kernels/w4a16_gluon.py (Hopper, large batches): block_n weight rows × block_m batch rows, its
+      products asynchronous; weights scaled before the MMA like ``scale_w``. split_k programs per output tile, or
+      with ``stream_k`` per_sm persistent programs per multiprocessor sharing all tiles' K steps evenly; ``per_sm``
+      programs resident per multiprocessor (registers capped to fit); ``loader_warp``: x loaded by a warp of its
+      own; ``atomic``: split tiles meet in fp32 reductions rather than in program order.
     """
 
     block_n: int
@@ -432,10 +438,17 @@ class Config:
     atomic: bool = False
     pdl: bool = False
     evict: bool = False
+    per_sm: int = 1
+    stream_k: bool = False
+    loader_warp: bool = False
 
     def label(self) -> str:
         if self.kind == "dequant":
             return "dequant+matmul"
+        if self.kind == "gluon":
+            extra = "-sk" if self.stream_k else (f"-s{self.split_k}" if self.split_k > 1 else "")
+            extra += ("-lw" if self.loader_warp else "") + ("a" if self.atomic else "")
+            return f"gluon-n{self.block_n}m{self.block_m}w{self.num_warps}x{self.per_sm}{extra}"
         extra = ("r" if self.scale_w else "") + ("a" if self.atomic else "")
         extra += ("d" if self.pdl else "") + ("e" if self.evict else "")
         return (f"n{self.block_n}m{self.block_m}k{self.block_k}s{self.split_k}w{self.num_warps}"
@@ -489,7 +502,11 @@ def candidates(
     The short lists are what won bench/kernels_sweep.py on the H100 (BENCHMARKS.md, kernels (#6)): up to 16 rows —
     128/256 × 16 tiles of 128 columns, split so the grid holds ~1–4 programs per multiprocessor; up to 64 rows —
     256 × 64 or 128 × 64; up to 128 rows — 256 × 128 with weights scaled before the MMA (the largest weights), or
-    256/128 × 64 exact; larger batches — 256 × 128 and 128 × 128 tiles, and dequantize + matmul. Layouts without
+    256/128 × 64 exact; larger batches — 256 × 128 and 128 × 128 tiles, and dequantize + matmul. Above 64 rows on
+    Hopper with static groups, the Gluon kernel instead (``_gluon_candidates``; BENCHMARKS.md): up to 128 rows
+    64/128 × 128 tiles, two programs per multiprocessor, beside the Triton 256 × 128 shape; beyond, 128 × 256 and
+    128 × 128 tiles with a loader warp and 128 × 128 two per multiprocessor, beside dequantize + matmul (each tile
+    whole, split 2 or 4 ways, or stream-K; the parts summed in program order, so deterministic). Layouts without
     an exact K tile scale weights before the MMA. On Hopper every fused shape is a programmatic dependent launch.
     Split-K partial tiles of up to 16 rows meet in fp32 reductions (``atomic``), wider ones both ways (the tuner
     times each); ``deterministic`` keeps only the fixed-order sum. Up to 64 rows and with reductions, weights stream
@@ -502,6 +519,7 @@ def candidates(
     exact = bk_exact is not None
     tiles = lambda bn, bm: triton.cdiv(m, bm) * triton.cdiv(n, bn)  # noqa: E731
     pdl = HAVE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    gluon = m > 64 and device.type == "cuda" and w4a16_gluon.supported(torch.empty(0, k, device=device), w)
 
     def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> list[Config]:
         sw = scale_w or not exact
@@ -519,14 +537,35 @@ def candidates(
                   cfg(256, 16, 4, 8, 3), cfg(256, 16, 1, 8, 3), cfg(64, 16, 2, 4, 4)]  # fmt: skip
     elif m <= 64:
         shapes = [cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3)]
+    elif m <= 128 and gluon:
+        shapes = [cfg(256, 128, 1, 8, 3, True)] + _gluon_candidates(m, n, k, sms, ((64, 128, 4), (128, 128, 8)), 2)
     elif m <= 128:
         shapes = [cfg(256, 128, 1, 8, 3, True), cfg(256, 64, 1, 8, 3), cfg(128, 64, 2, 4, 3), cfg(128, 64, 2, 8, 4),
                   cfg(256, 128, 2, 8, 3, True)]  # fmt: skip
+    elif gluon:
+        shapes = _gluon_candidates(m, n, k, sms, ((128, 256, 8), (128, 128, 8)), 1)
+        shapes += [[Config(128, 128, 128, 1, 8, kind="gluon", per_sm=2)], [Config(64, 0, 128, kind="dequant")]]
     else:
         shapes = [cfg(256, 128, 1, 8, 3, True), cfg(256, 128, 1, 16, 3, True), cfg(128, 128, 1, 8, 4),
                   [Config(64, 0, 128, kind="dequant")]]  # fmt: skip
     out = [c for variants in shapes for c in variants]
     return list(dict.fromkeys(out))
+
+
+def _gluon_candidates(m: int, n: int, k: int, sms: int, tiles: tuple, per_sm: int) -> list[list[Config]]:
+    """Gluon launch shapes for [m, K] × [N, K]ᵀ: each (block_n, block_m, warps) tile with per_sm programs per
+    multiprocessor (registers capped to fit; x through the multiplying warps) or, for one program per
+    multiprocessor, with a loader warp; one program per tile, 2 or 4 per tile where the grid still fits on the
+    device at once (the parts summed in program order), and stream-K where the tiles overfill it."""
+    out = []
+    for bn, bm, warps in tiles:
+        base = Config(bn, bm, 128, 1, warps, kind="gluon", per_sm=per_sm, loader_warp=per_sm == 1)
+        t = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        out.append([base])
+        out += [[replace(base, split_k=s)] for s in (2, 4) if t * s <= per_sm * sms and triton.cdiv(k, 128) >= 4 * s]
+        if t > per_sm * sms:
+            out.append([replace(base, stream_k=True)])
+    return out
 
 
 def dequantize_16(w: W4Layout, dtype: torch.dtype) -> torch.Tensor:
@@ -578,6 +617,21 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
     n = w.shape[0]
     if cfg.kind == "dequant":
         return torch.nn.functional.linear(x2, dequantize_16(w, x2.dtype))
+    if cfg.kind == "gluon":
+        if not w4a16_gluon.supported(x2, w):
+            raise ValueError(f"{cfg.label()}: needs a Hopper GPU, Gluon, static groups and K % 16 == 0")
+        return w4a16_gluon.launch(
+            x2,
+            w,
+            cfg.block_n,
+            cfg.block_m,
+            cfg.num_warps,
+            per_sm=cfg.per_sm,
+            split=cfg.split_k,
+            stream_k=cfg.stream_k,
+            loader_warp=cfg.loader_warp,
+            atomic=cfg.atomic,
+        )
     if cfg.block_k % 64:
         raise ValueError(f"the W4A16 kernel steps K by multiples of 64 columns, not {cfg.block_k}")
     if w.g_idx is not None:

@@ -101,7 +101,7 @@ def layout_of(args) -> w4a16.W4Layout:
 def assert_matches(y, x, w, lay: w4a16.W4Layout | None = None, cfg: w4a16.Config | None = None):
     """y ≈ x @ wᵀ within the module docstring's tolerance (w float32 exact weights)."""
     rel = 2e-4 if lay is None or lay.g_idx is None else 2.0**-8
-    if cfg is not None and (cfg.kind == "dequant" or cfg.scale_w):
+    if cfg is not None and (cfg.kind in ("dequant", "gluon") or cfg.scale_w):
         rel = 2.0**-8
     ref = x.double() @ w.double().T
     s = x.double().abs() @ w.double().abs().T
@@ -357,6 +357,53 @@ def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
             lay = layout_of({**args, "scale": args["scale"].to(scale_dtype)})
             for cfg in w4a16.candidates(m, lay, x.device, x.dtype):
                 assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+    finally:
+        _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize(
+    "n, k, group, symmetric, m",
+    [
+        (1000, 2000, 32, False, 300),
+        (520, 2048, 16, True, 129),
+        (384, 1104, -1, False, 257),
+        (3000, 4096, 64, False, 512),
+    ],
+)
+def test_gluon_kernel_edges(n, k, group, symmetric, m):
+    """The Gluon large-batch kernel (Hopper) on edges: K not a multiple of 128 (padded steps), groups of 16/32 (a
+    scale row per 16-column plane), one group spanning K, N and M not multiples of the tiles; float16 and bfloat16;
+    one program per tile, 2 or 3 per tile, and stream-K (tiles split between 2–8 programs, some programs ending
+    inside a tile, others spanning several), parts meeting in program order (bit-identical on a second run) or by
+    fp32 reductions; x loaded between products or by a warp of its own; the arrival counters and the reduction
+    tiles zero again after each."""
+    from qconv.kernels import w4a16_gluon
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        args = ct_tensors(n, k, group, symmetric, None, seed=n + k, device="cuda")
+        lay = layout_of(args)
+        w = ct_int.dequant_reference(**args)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = (torch.randn(m, k, device="cuda") * 0.5).to(dtype)
+            if not w4a16_gluon.supported(x, lay):
+                pytest.skip("needs a Hopper GPU and triton's Gluon")
+            shapes = ((128, 256, 8, 1, True), (128, 128, 8, 2, False), (64, 128, 4, 2, True), (64, 128, 4, 2, False))
+            for bn, bm, warps, per_sm, lw in shapes if dtype == torch.bfloat16 else shapes[:1]:  # (compile time)
+                for split, sk, atomic in ((1, False, False), (2, False, True), (3, False, False), (1, True, False),
+                                          (1, True, True)):  # fmt: skip
+                    cfg = w4a16.Config(bn, bm, 128, split, warps, kind="gluon", per_sm=per_sm, stream_k=sk,
+                                       loader_warp=lw, atomic=atomic)  # fmt: skip
+                    y = w4a16.w4a16_matmul(x, lay, config=cfg)
+                    assert_matches(y, x, w, lay, cfg)
+                    if not atomic:
+                        assert torch.equal(w4a16.w4a16_matmul(x, lay, config=cfg), y), cfg.label()
+                    for name in ("counts", "tile sums"):
+                        left = w4a16._SCRATCH.get((x.device, name))
+                        assert left is None or not left.any(), (cfg.label(), name)
     finally:
         _restore_interpret()
 
