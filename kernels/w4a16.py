@@ -72,6 +72,7 @@ if HAVE_TRITON:
 
 # 16-bit float bit patterns: OR-ing a 4-bit code into the mantissa gives MAGIC_VALUE + code exactly.
 MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+INDEX_LIMIT = 2**31 - 1  # elements of x or y a launch may address (int32 offsets)
 SMALL_M = 16  # batches up to this many rows share one M tile of 16 (the tuner buckets them one by one)
 BLOCK_ROWS, BLOCK_COLS = 64, 128  # the qweight block stored contiguously (rows × columns of W)
 _HALFWORDS = BLOCK_COLS // 4  # halfwords per block row
@@ -424,7 +425,8 @@ class Config:
       products asynchronous; weights scaled before the MMA like ``scale_w``. split_k programs per output tile, or
       with ``stream_k`` per_sm persistent programs per multiprocessor sharing all tiles' K steps evenly; ``per_sm``
       programs resident per multiprocessor (registers capped to fit); ``loader_warp``: x loaded by a warp of its
-      own; ``atomic``: split tiles meet in fp32 reductions rather than in program order.
+      own; ``atomic``: split tiles meet in fp32 reductions rather than in program order (block_k, num_stages,
+      scale_w, pdl and evict do not apply; ``stream_k`` overrides split_k).
     """
 
     block_n: int
@@ -519,7 +521,7 @@ def candidates(
     exact = bk_exact is not None
     tiles = lambda bn, bm: triton.cdiv(m, bm) * triton.cdiv(n, bn)  # noqa: E731
     pdl = HAVE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-    gluon = m > 64 and device.type == "cuda" and w4a16_gluon.supported(torch.empty(0, k, device=device), w)
+    gluon = m > 64 and w4a16_gluon.usable(device, w)
 
     def cfg(bn: int, bm: int, per_sm: int, warps: int, stages: int, scale_w: bool = False) -> list[Config]:
         sw = scale_w or not exact
@@ -619,7 +621,7 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
         return torch.nn.functional.linear(x2, dequantize_16(w, x2.dtype))
     if cfg.kind == "gluon":
         if not w4a16_gluon.supported(x2, w):
-            raise ValueError(f"{cfg.label()}: needs a Hopper GPU, Gluon, static groups and K % 16 == 0")
+            raise ValueError(f"{cfg.label()}: needs a Hopper GPU, triton's Gluon, static groups and K % 16 == 0")
         return w4a16_gluon.launch(
             x2,
             w,
@@ -796,8 +798,11 @@ def w4a16_matmul(
         x2 = x2.contiguous()
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm)
+    rows = INDEX_LIMIT // max(n, k)  # the kernels index x and y in int32: larger batches go in row blocks
     if x2.shape[0] == 0:
         y = x2.new_zeros(0, n)
+    elif x2.shape[0] > rows:
+        y = torch.cat([w4a16_matmul(x2[i : i + rows], w, config=config) for i in range(0, x2.shape[0], rows)])
     else:
         y = launch(x2, w, config or TUNER.config(x2, w))
     if bias is not None:

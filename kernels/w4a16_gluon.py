@@ -37,12 +37,16 @@ except ImportError:  # pragma: no cover - older triton, or none
 
 
 def supported(x: torch.Tensor, w) -> bool:
-    """Whether this kernel can run x [M, K] @ wᵀ here: a Hopper GPU, Gluon, static groups of ≥ 16 columns (or one
-    spanning K), K % 16 == 0 (the launcher then marks K divisible by 16, and the masked 16-byte copies stay whole)."""
-    if not (HAVE_GLUON and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9):
+    """Whether this kernel can run x [M, K] @ wᵀ here (see ``usable``)."""
+    return x.is_cuda and usable(x.device, w)
+
+
+def usable(device: torch.device, w) -> bool:
+    """A Hopper GPU, Gluon, and a layout with static groups of ≥ 16 columns (or one spanning K) and K % 16 == 0
+    (TMA reads x in rows that start 16-byte aligned, K % 8 for 16-bit x; the tests cover multiples of 16)."""
+    if not (HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9):
         return False
-    n, k = w.shape
-    return w.g_idx is None and k % 16 == 0 and (w.n_groups == 1 or w.group_size >= 16)
+    return w.g_idx is None and w.shape[1] % 16 == 0 and (w.n_groups == 1 or w.group_size >= 16)
 
 
 if HAVE_GLUON:
@@ -67,6 +71,12 @@ if HAVE_GLUON:
         else:
             zz = gl.full(r_ar.shape, 8.0 + MAGIC_VALUE, xdt, layout=row_l)
         return sc, zz
+
+    @gluon.jit
+    def _first_item(start, S, num_m):
+        """Work item ``start`` → (pid_m, pid_n, step k): tile-major, consecutive tiles sharing a weight tile."""
+        t = start // S
+        return t % num_m, t // num_m, start % S
 
     @gluon.jit
     def _next_item(pid_m, pid_n, k, S, num_m):
@@ -120,16 +130,17 @@ if HAVE_GLUON:
         return w0, w1, s0, z0, s1, z1
 
     @gluon.jit
-    def _part_offsets(BN: gl.constexpr, BM: gl.constexpr, num_warps: gl.constexpr, mma: gl.constexpr):
+    def _part_offsets(BN: gl.constexpr, BM: gl.constexpr, mma: gl.constexpr):
         """Offsets [BN, BM] (int32, accumulator layout) of a float32 partial tile, a bijection onto 0 … BN·BM − 1
         in which each warp's store of one register pair is 256 contiguous bytes (a wgmma accumulator element (n, m)
-        sits in warp n // 16, lane 4·(n % 8) + (m % 8) // 2, register pair 2·(m // 8) + (n % 16) // 8)."""
+        sits in 16-row slab n // 16 (a warp's, once or more), lane 4·(n % 8) + (m % 8) // 2, register pair
+        2·(m // 8) + (n % 16) // 8)."""
         n = gl.arange(0, BN, layout=gl.SliceLayout(1, mma))[:, None]
         m = gl.arange(0, BM, layout=gl.SliceLayout(0, mma))[None, :]
         mh = m // 2  # (m − 2·mh, not m % 2: the compiler then sees the pairs, and stores 8 bytes at a time)
         pair = (mh // 4) * 2 + (n % 16) // 8
         thread = (n // 16) * 32 + (n % 8) * 4 + mh % 4
-        return (pair * (32 * num_warps) + thread) * 2 + (m - mh * 2)
+        return (pair * (2 * BN) + thread) * 2 + (m - mh * 2)
 
     @gluon.jit
     def _store_y(y_ptr, acc, pid_m, pid_n, M, N, stride_ym, BN: gl.constexpr, BM: gl.constexpr,
@@ -161,10 +172,7 @@ if HAVE_GLUON:
         the L2 for the item's packed codes and scale row (whole 64-row blocks; the multiplying warps load them a
         step ahead, too late for an HBM miss at large batches)."""
         S = KB
-        first_tile = start // S
-        pid_m = first_tile % num_m
-        pid_n = first_tile // num_m
-        k = start % S
+        pid_m, pid_n, k = _first_item(start, S, num_m)
         stage = 0
         phase = 1
         for _ in range(start, end):
@@ -186,7 +194,7 @@ if HAVE_GLUON:
         x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per, M, N, KB, G,
         GS_SHIFT, stride_ym, HAS_ZERO: gl.constexpr, S16: gl.constexpr, PLANE_GROUPS: gl.constexpr,
         EVEN_N: gl.constexpr, MAGIC_VALUE: gl.constexpr, MAGIC_BITS: gl.constexpr, BN: gl.constexpr,
-        BM: gl.constexpr, WS: gl.constexpr, REDUCE: gl.constexpr, num_warps: gl.constexpr,
+        BM: gl.constexpr, WS: gl.constexpr, ATOMIC: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         """Items start … end − 1: dequantize, multiply, store (see _w4a16_gluon_kernel). x comes through the ring:
         loaded here two steps ahead, or with ``WS`` by _produce_x, released to it through ``empty``."""
@@ -200,20 +208,17 @@ if HAVE_GLUON:
         r_ar = gl.arange(0, BN, layout=row_l)
         cols = gl.arange(0, 16, layout=gl.SliceLayout(0, a_l))
         w_off = ((r_ar // 64) * (KB * 2048) + (r_ar % 64) * 32)[:, None] + cols[None, :]
-        bars = ready
         first_tile = start // S
         head_part = start % S != 0  # the program's first tile began in another program
-        pid_m = first_tile % num_m
-        pid_n = first_tile // num_m
-        k = start % S
+        pid_m, pid_n, k = _first_item(start, S, num_m)
         if not WS:
-            _load_x(x_desc, xs, bars, pid_m, k, start < end, 0, BM)
+            _load_x(x_desc, xs, ready, pid_m, k, start < end, 0, BM)
         w0n, w1n, s0n, z0n, s1n, z1n = _load_w(qw_ptr, s_ptr, z_ptr, w_off, r_ar, pid_n, k, start < end, N, KB, G,
                                                GS_SHIFT, HAS_ZERO, PLANE_GROUPS, EVEN_N, MAGIC_VALUE, xdt, BN,
                                                a_l)  # fmt: skip
         pid_mn, pid_nn, kn = _next_item(pid_m, pid_n, k, S, num_m)
         if not WS:
-            _load_x(x_desc, xs, bars, pid_mn, kn, start + 1 < end, 1, BM)
+            _load_x(x_desc, xs, ready, pid_mn, kn, start + 1 < end, 1, BM)
         pid_m2, pid_n2, k2 = _next_item(pid_mn, pid_nn, kn, S, num_m)  # the item after next: its x goes next
         acc = gl.zeros((BN, BM), gl.float32, layout=mma)
         a_prev = gl.zeros((BN, 16), xdt, layout=a_l)
@@ -226,7 +231,7 @@ if HAVE_GLUON:
             w0n, w1n, s0n, z0n, s1n, z1n = _load_w(qw_ptr, s_ptr, z_ptr, w_off, r_ar, pid_nn, kn, live, N, KB, G,
                                                    GS_SHIFT, HAS_ZERO, PLANE_GROUPS, EVEN_N, MAGIC_VALUE, xdt, BN,
                                                    a_l)  # fmt: skip
-            mbarrier.wait(bars.index(stage), phase)
+            mbarrier.wait(ready.index(stage), phase)
             next_stage = stage + 1 - 3 * (stage == 2).to(gl.int32)
             if PLANE_GROUPS:
                 if EVEN_N:
@@ -265,33 +270,33 @@ if HAVE_GLUON:
                             mbarrier.arrive(empty.index(3 - stage - next_stage), pred=it > start)
                         else:
                             gl.thread_barrier()
-                            _load_x(x_desc, xs, bars, pid_m2, k2, it + 2 < end, 3 - stage - next_stage, BM)
+                            _load_x(x_desc, xs, ready, pid_m2, k2, it + 2 < end, 3 - stage - next_stage, BM)
             if (k == S - 1) | (it == end - 1):  # the end of this program's part of the tile
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 t_id = pid_n * num_m + pid_m
                 if ((t_id == first_tile) & head_part) | ((it == end - 1) & (k != S - 1)):
                     # a part of the tile: add it up with the others; the last part to arrive writes the tile
-                    offs = _part_offsets(BN, BM, num_warps, mma)
+                    offs = _part_offsets(BN, BM, mma)
                     c_lo = (t_id * S) // per
                     c_hi = ((t_id + 1) * S - 1) // per
-                    if REDUCE == 1:  # fp32 reductions into the first contributor's slot (zero between launches)
-                        gl.atomic_add(ws_ptr + c_lo * (BN * BM) + offs, acc, sem="relaxed", scope="gpu")
-                    elif REDUCE == 0:  # each part in its own slot, summed in program order
+                    if ATOMIC:  # fp32 reductions into the first contributor's slot (zero between launches)
+                        gl.atomic_add(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs, acc, sem="relaxed", scope="gpu")
+                    else:  # each part in its own slot, summed in program order
                         slot = 2 * c + (t_id != first_tile).to(gl.int32)
-                        gl.store(ws_ptr + slot * (BN * BM) + offs, acc)
+                        gl.store(ws_ptr + slot.to(gl.int64) * (BN * BM) + offs, acc)
                     gl.thread_barrier()  # every thread's part is in before the count is released
                     done = gl.atomic_add(cnt_ptr + t_id, 1, sem="acq_rel", scope="gpu")
                     if done == c_hi - c_lo:
-                        if REDUCE == 1:
-                            total = gl.load(ws_ptr + c_lo * (BN * BM) + offs, cache_modifier=".cg")
-                            gl.store(ws_ptr + c_lo * (BN * BM) + offs, gl.zeros((BN, BM), gl.float32, layout=mma))
-                        elif REDUCE == 0:
+                        if ATOMIC:
+                            total = gl.load(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs, cache_modifier=".cg")
+                            gl.store(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs,
+                                     gl.zeros((BN, BM), gl.float32, layout=mma))  # fmt: skip
+                        else:
                             total = gl.zeros((BN, BM), gl.float32, layout=mma)
                             for cc in range(c_lo, c_hi + 1):
                                 cc_slot = 2 * cc + ((cc * per) // S != t_id).to(gl.int32)
-                                total += gl.load(ws_ptr + cc_slot * (BN * BM) + offs, cache_modifier=".cg")
-                        else:  # timing probe: no reduction (wrong sums)
-                            total = acc
+                                total += gl.load(ws_ptr + cc_slot.to(gl.int64) * (BN * BM) + offs,
+                                                 cache_modifier=".cg")  # fmt: skip
                         gl.store(cnt_ptr + t_id, 0)  # zero again for the next launch
                         _store_y(y_ptr, total, pid_m, pid_n, M, N, stride_ym, BN, BM, num_warps)
                 else:
@@ -302,14 +307,13 @@ if HAVE_GLUON:
             pid_m2, pid_n2, k2 = _next_item(pid_m2, pid_n2, k2, S, num_m)
             stage = next_stage
             phase ^= (stage == 0).to(gl.int32)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
 
     @gluon.jit
     def _w4a16_gluon_kernel(
         x_desc, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KB, G, GS_SHIFT, stride_ym, per,
         HAS_ZERO: gl.constexpr, S16: gl.constexpr, PLANE_GROUPS: gl.constexpr, EVEN_N: gl.constexpr,
         MAGIC_VALUE: gl.constexpr, MAGIC_BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, WS: gl.constexpr,
-        REDUCE: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        ATOMIC: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         # Work items are (output tile, 128-column step) pairs in tile-major order; program c takes items
         # c·per … (c+1)·per − 1, so per = KB is one tile per program and a smaller grid of persistent programs is
@@ -332,17 +336,34 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_mainloop, (x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per,
                              M, N, KB, G, GS_SHIFT, stride_ym, HAS_ZERO, S16, PLANE_GROUPS, EVEN_N, MAGIC_VALUE,
-                             MAGIC_BITS, BN, BM, WS, REDUCE, num_warps)),
+                             MAGIC_BITS, BN, BM, WS, ATOMIC, num_warps)),
                 (_produce_x, (x_desc, xs, ready, empty, qw_ptr, s_ptr, start, end, N, KB, G, GS_SHIFT,
                               gl.cdiv(M, BM), EVEN_N and PREFETCH, BN, BM)),
             ], [1], [24])  # fmt: skip
         else:
             _mainloop(x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per, M, N,
                       KB, G, GS_SHIFT, stride_ym, HAS_ZERO, S16, PLANE_GROUPS, EVEN_N, MAGIC_VALUE, MAGIC_BITS, BN, BM,
-                      WS, REDUCE, num_warps)  # fmt: skip
+                      WS, ATOMIC, num_warps)  # fmt: skip
         for st in gl.static_range(3):
             mbarrier.invalidate(ready.index(st))
             mbarrier.invalidate(empty.index(st))
+
+
+def register_cap(block_n: int, block_m: int, num_warps: int, per_sm: int = 1, loader_warp: bool = False) -> int:
+    """The launch's register cap per thread (``maxnreg``: the register file shared by per_sm programs, the loader
+    warp counted as a whole warpgroup); ValueError for a tile the kernel cannot take: block_n a multiple of 64 and
+    of 16 per warp, block_m a multiple of 8 up to 256, and room for the accumulator plus working registers."""
+    if block_n % 64 or block_n % (16 * num_warps) or block_m % 8 or not 8 <= block_m <= 256:
+        raise ValueError(f"Gluon W4A16 tile {block_n} × {block_m} with {num_warps} warps: block_n must be a multiple "
+                         "of 64 and of 16 per warp, block_m a multiple of 8 up to 256")  # fmt: skip
+    cap = 65536 // (per_sm * 32 * (num_warps + 4 * loader_warp)) // 8 * 8
+    # what a multiplying thread gets: the cap, or with a loader warp what the loader's warpgroup (24 each) leaves
+    per_thread = min(255, (cap * (num_warps + 4) - 24 * 4) // num_warps if loader_warp else cap)
+    acc = block_n * block_m // (32 * num_warps)
+    if acc + 64 > per_thread:
+        raise ValueError(f"Gluon W4A16 tile {block_n} × {block_m}: {per_sm} programs per multiprocessor leave "
+                         f"{per_thread} registers per thread, the accumulator alone takes {acc}")  # fmt: skip
+    return cap
 
 
 def launch(
@@ -360,8 +381,10 @@ def launch(
 ) -> torch.Tensor:
     """Contiguous x2 [M, K] (already column-permuted when w.perm is set) @ dequant(w)ᵀ → [M, N] in x2's dtype.
 
-    Programs: ``split`` per block_n × block_m output tile, each taking an equal share of its 128-column steps, or
-    with ``stream_k`` per_sm per multiprocessor, persistent, sharing all tiles' steps evenly. ``per_sm``: programs
+    Programs: each takes ⌈steps / split⌉ consecutive 128-column steps of the tiles in turn (``split`` per
+    block_n × block_m output tile where it divides a tile's steps; else some programs straddle two tiles), or with
+    ``stream_k`` per_sm per multiprocessor, persistent, sharing all tiles' steps evenly. block_n: a multiple of 64
+    and of 16·num_warps (one or more 16-row slabs per warp); block_m: a multiple of 8 up to 256. ``per_sm``: programs
     resident per multiprocessor (registers capped to fit them). ``loader_warp``: x loaded by a warp of its own
     (warp specialisation) instead of by the multiplying warps between products. Tiles split between programs meet
     in float32: each part in its own slot, summed in program order by the last to arrive, or with ``atomic`` added
@@ -370,6 +393,7 @@ def launch(
     """
     from qconv.kernels.w4a16 import MAGIC, _group_shift, _scratch, _sm_count
 
+    cap = register_cap(block_n, block_m, num_warps, per_sm, loader_warp)
     m, k = x2.shape
     n = w.shape[0]
     if x2.data_ptr() % 16:  # the tensor memory accelerator reads from 16-byte aligned rows
@@ -383,9 +407,7 @@ def launch(
     grid = (-(-(tiles * kb) // per),)
     gdt = gl.bfloat16 if x2.dtype == torch.bfloat16 else gl.float16
     x_desc = TensorDescriptor.from_tensor(x2, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], gdt))
-    threads = 32 * (num_warps + 4 * loader_warp)  # the loader warp is allotted a whole warpgroup
-    cap = 65536 // (per_sm * threads) // 8 * 8  # the register file shared by per_sm programs
-    regs = {"maxnreg": cap} if cap < 255 or loader_warp else {}
+    regs = {"maxnreg": cap} if cap < 255 or loader_warp else {}  # the register file shared by per_sm programs
     shared = per % kb != 0  # some tiles are split between programs
     if shared and atomic:
         ws = _scratch(x2.device, "tile sums", grid[0] * block_n * block_m, torch.float32)
@@ -397,7 +419,7 @@ def launch(
         m, n, kb, w.n_groups, _group_shift(w), y.stride(0), per,
         HAS_ZERO=w.zeros is not None, S16=w.scales.dtype == x2.dtype,
         PLANE_GROUPS=w.n_groups > 1 and w.group_size < 64, EVEN_N=n % block_n == 0, MAGIC_VALUE=magic_value,
-        MAGIC_BITS=magic_bits, BN=block_n, BM=block_m, WS=loader_warp, REDUCE=int(atomic),
+        MAGIC_BITS=magic_bits, BN=block_n, BM=block_m, WS=loader_warp, ATOMIC=atomic,
         PREFETCH=prefetch, num_warps=num_warps, **regs,
     )  # fmt: skip
     return y

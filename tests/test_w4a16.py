@@ -196,6 +196,25 @@ def test_kernel_split_k_and_float16(interpreted):
         assert_matches(w4a16.w4a16_matmul(xh, lay, config=cfg), xh, w)
 
 
+@pytest.mark.triton
+@needs_triton
+@needs_interpreter
+def test_batches_past_int32_offsets_go_in_row_blocks(interpreted, monkeypatch):
+    """x or y with more elements than an int32 offset reaches are multiplied in row blocks (the limit patched down
+    to 3 rows' worth here), with the same result as one launch."""
+    args = ct_tensors(40, 512, 64, False, None, seed=11)
+    lay = layout_of(args)
+    x = torch.randn(8, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    cfg = w4a16.Config(64, 16, 64)
+    whole = w4a16.w4a16_matmul(x, lay, config=cfg)
+    launched = []
+    real = w4a16.launch
+    monkeypatch.setattr(w4a16, "launch", lambda x2, w, c: launched.append(x2.shape[0]) or real(x2, w, c))
+    monkeypatch.setattr(w4a16, "INDEX_LIMIT", 3 * 512 + 100)
+    assert torch.equal(w4a16.w4a16_matmul(x, lay, config=cfg), whole)
+    assert launched == [3, 3, 2]
+
+
 C = w4a16.Config
 
 
@@ -251,6 +270,38 @@ def test_candidates_split_k_reductions_and_determinism(monkeypatch):
     key = w4a16.Tuner.key(x, lay)
     monkeypatch.delenv("QCONV_W4A16_DETERMINISTIC")
     assert key != w4a16.Tuner.key(x, lay)
+
+
+def test_gluon_candidates_fit_their_registers_and_the_device(monkeypatch):
+    """Above 64 rows on a usable Hopper layout the tuner offers Gluon shapes, each one the kernel takes (tile and
+    register budget, ``register_cap``), split only where the grid fits on the device at once and stream-K only
+    where the tiles overfill it; all sum split tiles in program order. Tiles the kernel cannot take are refused
+    with the reason before anything runs (a 16-row slab per warp, 64-row weight blocks, the accumulator's
+    registers)."""
+    from qconv.kernels import w4a16_gluon
+
+    monkeypatch.setattr(w4a16, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(w4a16_gluon, "usable", lambda device, w: True)
+    cpu = torch.device("cpu")
+    for n, k in ((4096, 4096), (28672, 8192), (1000, 2048)):
+        lay = layout_of(ct_tensors(8, 256, 128, True, None, seed=3))
+        lay = w4a16.W4Layout(lay.qweight, lay.scales, None, 128, (n, k))
+        for m in (65, 128, 512, 4096):
+            gl_cfgs = [c for c in w4a16.candidates(m, lay, cpu) if c.kind == "gluon"]
+            assert gl_cfgs and not any(c.atomic for c in gl_cfgs), (n, k, m)
+            for c in gl_cfgs:
+                w4a16_gluon.register_cap(c.block_n, c.block_m, c.num_warps, c.per_sm, c.loader_warp)
+                tiles = -(-m // c.block_m) * -(-n // c.block_n)
+                assert c.split_k == 1 or tiles * c.split_k <= c.per_sm * 132, c.label()
+                assert not c.stream_k or tiles > c.per_sm * 132, c.label()
+    assert w4a16_gluon.register_cap(128, 256, 8, 1, True) == 168  # 12 warps; the 8 multiplying ones get 240
+    assert w4a16_gluon.register_cap(128, 128, 8, 2) == 128
+    for bad, match in (((64, 128, 8), "16 per warp"), ((96, 128, 2), "multiple of 64"), ((128, 300, 8), "256"),
+                       ((128, 256, 8, 2), "accumulator")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            w4a16_gluon.register_cap(*bad)
+        with pytest.raises(ValueError, match=match):
+            w4a16_gluon.launch(torch.zeros(4, 256), lay, *bad)
 
 
 def test_exact_configs_need_k_steps_inside_a_group():
@@ -357,6 +408,36 @@ def test_kernel_on_cuda_float16_and_float32_scales(symmetric, m):
             lay = layout_of({**args, "scale": args["scale"].to(scale_dtype)})
             for cfg in w4a16.candidates(m, lay, x.device, x.dtype):
                 assert_matches(w4a16.w4a16_matmul(x, lay, config=cfg), x, w, lay, cfg)
+    finally:
+        _restore_interpret()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gluon_stream_k_programs_spanning_whole_tiles(monkeypatch):
+    """Stream-K over few programs (the multiprocessor count patched to 3): each program takes several whole tiles
+    between a head part and a tail part; and x at an address that is not 16-byte aligned (copied for the TMA)."""
+    from qconv.kernels import w4a16_gluon
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        args = ct_tensors(1000, 2000, 32, False, None, seed=5, device="cuda")
+        lay = layout_of(args)
+        w = ct_int.dequant_reference(**args)
+        x = (torch.randn(300, 2000, device="cuda") * 0.5).to(torch.bfloat16)
+        if not w4a16_gluon.supported(x, lay):
+            pytest.skip("needs a Hopper GPU and triton's Gluon")
+        monkeypatch.setattr(w4a16, "_sm_count", lambda device: 3)
+        for cfg in (w4a16.Config(128, 256, 128, 1, 8, kind="gluon", stream_k=True, loader_warp=True),
+                    w4a16.Config(64, 128, 128, 1, 4, kind="gluon", per_sm=2, stream_k=True)):  # fmt: skip
+            y = w4a16.w4a16_matmul(x, lay, config=cfg)
+            assert_matches(y, x, w, lay, cfg)
+            assert torch.equal(w4a16.w4a16_matmul(x, lay, config=cfg), y), cfg.label()
+            assert not w4a16._SCRATCH[(x.device, "counts")].any(), cfg.label()
+        odd = torch.empty(300 * 2000 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(300, 2000).copy_(x)
+        cfg = w4a16.Config(128, 256, 128, 1, 8, kind="gluon", loader_warp=True)
+        assert torch.equal(w4a16.w4a16_matmul(odd, lay, config=cfg), w4a16.w4a16_matmul(x, lay, config=cfg))
     finally:
         _restore_interpret()
 
