@@ -34,7 +34,7 @@ bench:
 	$(BIN)/python bench/run.py
 
 bench-kernels:  # GPU: W4A16 matmul vs bf16 F.linear and torch's int4 (tinygemm); tables into $(OUT) or bench-out
-	$(BIN)/python bench/kernels_matmul.py --asym
+	$(BIN)/qconv bench-kernels --asym --out $${OUT:-bench-out}
 
 lint:
 	$(BIN)/ruff check qconv formats kernels tests bench

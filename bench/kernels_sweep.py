@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels_matmul import MS, ROTATE_BYTES, SHAPES, copy_bandwidth, graph_time, machine, rel_err, tinygemm_pack  # noqa: E402
+from qconv.bench_kernels import MS, ROTATE_BYTES, SHAPES, copy_bandwidth, graph_time, machine, rel_err, tinygemm_pack
 
 ORDER = [(8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192)]
 

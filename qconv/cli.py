@@ -535,6 +535,30 @@ def verify_cmd(artifact, base, text_path, chunks, ctx, device, dtype, batch_size
         _fail(e, as_json)
 
 
+@main.command("bench-kernels")
+@click.option("--out", type=click.Path(file_okay=False), default="bench-out", show_default=True,
+              help="Folder for kernels_matmul.md/.json/.log.")  # fmt: skip
+@click.option("--shapes", default="all", show_default=True, help="all (six Llama-sized shapes), or K,N;K,N;…")
+@click.option("--ms", default="1,4,16,64,128,512", show_default=True, help="Batch sizes M.")
+@click.option("--asym", is_flag=True, help="Also time asymmetric weights (zero points).")
+@click.option("--quiet", "-q", is_flag=True)
+def bench_kernels_cmd(out, shapes, ms, asym, quiet):
+    """Time the fused W4A16 matmul against torch's bf16 F.linear and torch's int4 path (tinygemm) on this GPU:
+    µs, TFLOP/s, weight bandwidth against a measured copy, and the speed targets of BENCHMARKS.md (needs CUDA)."""
+    try:
+        from pathlib import Path
+
+        from qconv.bench_kernels import parse_shapes, run
+
+        try:
+            batch = [int(v) for v in ms.split(",")]
+        except ValueError:
+            raise InputError(f"--ms: {ms!r} is not a comma-separated list of integers") from None
+        run(Path(out), parse_shapes(shapes), batch, asym, echo=(lambda s: None) if quiet else click.echo)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001
+        _fail(e, False)
+
+
 if __name__ == "__main__":
     main()
 
