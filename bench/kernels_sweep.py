@@ -7,9 +7,10 @@ the bench's shapes and batch sizes, to choose what ``candidates()`` offers the T
 ``--from candidates`` times the Tuner's short list instead of the full sweep; ``--variants`` adds copies of every
 fused configuration with a programmatic dependent launch (d), L2 eviction hints (e), fp32-reduction split-K (a).
 
-Same weights, checks and timing as bench/kernels_matmul.py (random codes, bf16 group-128 scales, symmetric; CUDA-
-graph replays cycling through > L2 of weight copies). Each configuration's output is checked against F.linear on
-the dequantized weights (relative L2 error < 1e-2, finite); a failing or non-compiling one is recorded, not timed.
+Same weights, checks and timing as `qconv bench-kernels` (qconv/bench_kernels.py: random codes, bf16 group-128
+scales, symmetric; CUDA-graph replays cycling through > L2 of weight copies). Each configuration's output is checked
+against F.linear on the dequantized weights (relative L2 error < 1e-2, finite); a failing or non-compiling one is
+recorded, not timed.
 Kernels are compiled first by ``--jobs`` processes in parallel (Triton's on-disk cache), so the timing process only
 loads them. Prints per (shape, M) bf16 / tinygemm µs and the ``--top`` configurations; writes kernels_sweep.json
 (every timing, registers and spills of each compiled kernel) after each shape, so a run stopped at ``--budget``
