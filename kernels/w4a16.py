@@ -425,8 +425,8 @@ class Config:
       products asynchronous; weights scaled before the MMA like ``scale_w``. split_k programs per output tile, or
       with ``stream_k`` per_sm persistent programs per multiprocessor sharing all tiles' K steps evenly; ``per_sm``
       programs resident per multiprocessor (registers capped to fit); ``loader_warp``: x loaded by a warp of its
-      own; ``atomic``: split tiles meet in fp32 reductions rather than in program order (block_k, num_stages,
-      scale_w, pdl and evict do not apply; ``stream_k`` overrides split_k).
+      own; split tiles' parts are summed in program order (block_k, num_stages, scale_w, atomic, pdl and evict do
+      not apply; ``stream_k`` overrides split_k).
     """
 
     block_n: int
@@ -449,7 +449,7 @@ class Config:
             return "dequant+matmul"
         if self.kind == "gluon":
             extra = "-sk" if self.stream_k else (f"-s{self.split_k}" if self.split_k > 1 else "")
-            extra += ("-lw" if self.loader_warp else "") + ("a" if self.atomic else "")
+            extra += "-lw" if self.loader_warp else ""
             return f"gluon-n{self.block_n}m{self.block_m}w{self.num_warps}x{self.per_sm}{extra}"
         extra = ("r" if self.scale_w else "") + ("a" if self.atomic else "")
         extra += ("d" if self.pdl else "") + ("e" if self.evict else "")
@@ -632,7 +632,6 @@ def launch(x2: torch.Tensor, w: W4Layout, cfg: Config) -> torch.Tensor:
             split=cfg.split_k,
             stream_k=cfg.stream_k,
             loader_warp=cfg.loader_warp,
-            atomic=cfg.atomic,
         )
     if cfg.block_k % 64:
         raise ValueError(f"the W4A16 kernel steps K by multiples of 64 columns, not {cfg.block_k}")

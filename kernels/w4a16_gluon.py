@@ -194,7 +194,7 @@ if HAVE_GLUON:
         x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per, M, N, KB, G,
         GS_SHIFT, stride_ym, HAS_ZERO: gl.constexpr, S16: gl.constexpr, PLANE_GROUPS: gl.constexpr,
         EVEN_N: gl.constexpr, MAGIC_VALUE: gl.constexpr, MAGIC_BITS: gl.constexpr, BN: gl.constexpr,
-        BM: gl.constexpr, WS: gl.constexpr, ATOMIC: gl.constexpr, num_warps: gl.constexpr,
+        BM: gl.constexpr, WS: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         """Items start … end − 1: dequantize, multiply, store (see _w4a16_gluon_kernel). x comes through the ring:
         loaded here two steps ahead, or with ``WS`` by _produce_x, released to it through ``empty``."""
@@ -279,24 +279,16 @@ if HAVE_GLUON:
                     offs = _part_offsets(BN, BM, mma)
                     c_lo = (t_id * S) // per
                     c_hi = ((t_id + 1) * S - 1) // per
-                    if ATOMIC:  # fp32 reductions into the first contributor's slot (zero between launches)
-                        gl.atomic_add(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs, acc, sem="relaxed", scope="gpu")
-                    else:  # each part in its own slot, summed in program order
-                        slot = 2 * c + (t_id != first_tile).to(gl.int32)
-                        gl.store(ws_ptr + slot.to(gl.int64) * (BN * BM) + offs, acc)
+                    slot = 2 * c + (t_id != first_tile).to(gl.int32)  # each part in its own slot
+                    gl.store(ws_ptr + slot.to(gl.int64) * (BN * BM) + offs, acc)
                     gl.thread_barrier()  # every thread's part is in before the count is released
                     done = gl.atomic_add(cnt_ptr + t_id, 1, sem="acq_rel", scope="gpu")
-                    if done == c_hi - c_lo:
-                        if ATOMIC:
-                            total = gl.load(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs, cache_modifier=".cg")
-                            gl.store(ws_ptr + c_lo.to(gl.int64) * (BN * BM) + offs,
-                                     gl.zeros((BN, BM), gl.float32, layout=mma))  # fmt: skip
-                        else:
-                            total = gl.zeros((BN, BM), gl.float32, layout=mma)
-                            for cc in range(c_lo, c_hi + 1):
-                                cc_slot = 2 * cc + ((cc * per) // S != t_id).to(gl.int32)
-                                total += gl.load(ws_ptr + cc_slot.to(gl.int64) * (BN * BM) + offs,
-                                                 cache_modifier=".cg")  # fmt: skip
+                    if done == c_hi - c_lo:  # the last part to arrive sums them all, in program order
+                        total = gl.zeros((BN, BM), gl.float32, layout=mma)
+                        for cc in range(c_lo, c_hi + 1):
+                            cc_slot = 2 * cc + ((cc * per) // S != t_id).to(gl.int32)
+                            total += gl.load(ws_ptr + cc_slot.to(gl.int64) * (BN * BM) + offs,
+                                             cache_modifier=".cg")  # fmt: skip
                         gl.store(cnt_ptr + t_id, 0)  # zero again for the next launch
                         _store_y(y_ptr, total, pid_m, pid_n, M, N, stride_ym, BN, BM, num_warps)
                 else:
@@ -313,7 +305,7 @@ if HAVE_GLUON:
         x_desc, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, KB, G, GS_SHIFT, stride_ym, per,
         HAS_ZERO: gl.constexpr, S16: gl.constexpr, PLANE_GROUPS: gl.constexpr, EVEN_N: gl.constexpr,
         MAGIC_VALUE: gl.constexpr, MAGIC_BITS: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, WS: gl.constexpr,
-        ATOMIC: gl.constexpr, PREFETCH: gl.constexpr, num_warps: gl.constexpr,
+        PREFETCH: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         # Work items are (output tile, 128-column step) pairs in tile-major order; program c takes items
         # c·per … (c+1)·per − 1, so per = KB is one tile per program and a smaller grid of persistent programs is
@@ -336,14 +328,14 @@ if HAVE_GLUON:
             gl.warp_specialize([
                 (_mainloop, (x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per,
                              M, N, KB, G, GS_SHIFT, stride_ym, HAS_ZERO, S16, PLANE_GROUPS, EVEN_N, MAGIC_VALUE,
-                             MAGIC_BITS, BN, BM, WS, ATOMIC, num_warps)),
+                             MAGIC_BITS, BN, BM, WS, num_warps)),
                 (_produce_x, (x_desc, xs, ready, empty, qw_ptr, s_ptr, start, end, N, KB, G, GS_SHIFT,
                               gl.cdiv(M, BM), EVEN_N and PREFETCH, BN, BM)),
             ], [1], [24])  # fmt: skip
         else:
             _mainloop(x_desc, xs, ready, empty, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, c, start, end, per, M, N,
                       KB, G, GS_SHIFT, stride_ym, HAS_ZERO, S16, PLANE_GROUPS, EVEN_N, MAGIC_VALUE, MAGIC_BITS, BN, BM,
-                      WS, ATOMIC, num_warps)  # fmt: skip
+                      WS, num_warps)  # fmt: skip
         for st in gl.static_range(3):
             mbarrier.invalidate(ready.index(st))
             mbarrier.invalidate(empty.index(st))
@@ -376,7 +368,6 @@ def launch(
     split: int = 1,
     stream_k: bool = False,
     loader_warp: bool = False,
-    atomic: bool = False,
     prefetch: bool = True,
 ) -> torch.Tensor:
     """Contiguous x2 [M, K] (already column-permuted when w.perm is set) @ dequant(w)ᵀ → [M, N] in x2's dtype.
@@ -387,8 +378,8 @@ def launch(
     and of 16·num_warps (one or more 16-row slabs per warp); block_m: a multiple of 8 up to 256. ``per_sm``: programs
     resident per multiprocessor (registers capped to fit them). ``loader_warp``: x loaded by a warp of its own
     (warp specialisation) instead of by the multiplying warps between products. Tiles split between programs meet
-    in float32: each part in its own slot, summed in program order by the last to arrive, or with ``atomic`` added
-    as they come into one slot (the order, so the last bits, may vary where a tile has more than two parts).
+    in float32: each part in its own slot, summed in program order by the last to arrive (deterministic; fp32
+    reductions into one slot were no faster, BENCHMARKS.md).
     ``prefetch``: the loader warp asks the L2 for each step's codes and scales ahead (N a multiple of block_n).
     """
     from qconv.kernels.w4a16 import MAGIC, _group_shift, _scratch, _sm_count
@@ -409,17 +400,14 @@ def launch(
     x_desc = TensorDescriptor.from_tensor(x2, [block_m, 64], gl.NVMMASharedLayout.get_default_for([block_m, 64], gdt))
     regs = {"maxnreg": cap} if cap < 255 or loader_warp else {}  # the register file shared by per_sm programs
     shared = per % kb != 0  # some tiles are split between programs
-    if shared and atomic:
-        ws = _scratch(x2.device, "tile sums", grid[0] * block_n * block_m, torch.float32)
-    else:
-        ws = torch.empty(2 * grid[0] * block_n * block_m if shared else 1, dtype=torch.float32, device=x2.device)
+    ws = torch.empty(2 * grid[0] * block_n * block_m if shared else 1, dtype=torch.float32, device=x2.device)
     cnt = _scratch(x2.device, "counts", tiles if shared else 1, torch.int32)
     _w4a16_gluon_kernel[grid](
         x_desc, w.qweight, w.scales, w.zeros if w.zeros is not None else w.qweight, y, ws, cnt,
         m, n, kb, w.n_groups, _group_shift(w), y.stride(0), per,
         HAS_ZERO=w.zeros is not None, S16=w.scales.dtype == x2.dtype,
         PLANE_GROUPS=w.n_groups > 1 and w.group_size < 64, EVEN_N=n % block_n == 0, MAGIC_VALUE=magic_value,
-        MAGIC_BITS=magic_bits, BN=block_n, BM=block_m, WS=loader_warp, ATOMIC=atomic,
+        MAGIC_BITS=magic_bits, BN=block_n, BM=block_m, WS=loader_warp,
         PREFETCH=prefetch, num_warps=num_warps, **regs,
     )  # fmt: skip
     return y
